@@ -1,0 +1,5 @@
+import sys
+
+from jambalab.cli import main
+
+sys.exit(main())
