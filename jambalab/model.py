@@ -218,9 +218,10 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, state: MambaState | None, mask: torch.Tensor | None) -> torch.Tensor:
         dtype = x.dtype
-        if mask is not None:
-            x = x * mask[..., None].to(dtype)  # padding must not reach the conv or SSM state
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D) each
+        if mask is not None:
+            # Padding must not reach the conv or SSM state; masked after in_proj so its bias cannot leak either.
+            xs = xs * mask[..., None].to(dtype)
         conv_w = self.conv1d.weight.squeeze(1)  # (D, K)
         if state is not None and x.shape[1] == 1:
             return self._step(xs[:, 0], z[:, 0], state, conv_w, None if mask is None else mask[:, 0])[:, None]
