@@ -406,6 +406,12 @@ class JambaLM(nn.Module):
         p = next(self.parameters())
         return HybridCache.allocate(self.config, batch_size, dtype or _compute_dtype(self), p.device, max_length)
 
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Prompt + new tokens, like transformers; arguments as jambalab.generate.generate."""
+        from jambalab.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
     # ---- counting ----------------------------------------------------------------------
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are yielded once
