@@ -1,0 +1,151 @@
+"""Build and load the fused CPU kernels (jambalab/ops/csrc/*.cpp), once per machine.
+
+The library is compiled just in time with torch.utils.cpp_extension (ninja +
+the system C++ compiler, `-O3 -march=native -fopenmp`) into
+
+    $XDG_CACHE_HOME/jambalab/torch_extensions/<key>/    (default ~/.cache/...)
+
+where <key> hashes the sources, the compile flags, the torch and Python
+versions and this CPU's model and feature flags: a `-march=native` binary is
+never reused on another CPU, and a cached one loads without ninja or a compiler.
+Its ops live in `torch.ops.jambalab_kernels` (scan_fwd, scan_bwd,
+state_update, conv_update); jambalab/ops/fused.py wraps them.
+
+`kernels()` tries once per process. If the build fails it warns once and
+returns None, and the callers use the pure-PyTorch references.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_CSRC = Path(__file__).parent / "csrc"
+_LIB = "jambalab_kernels"  # the TORCH_LIBRARY namespace in the sources
+
+_state: dict[str, Any] = {"tried": False, "ops": None, "error": None}
+
+
+class KernelBuildError(RuntimeError):
+    """The fused kernels could not be compiled or loaded on this machine."""
+
+
+def kernels() -> Any | None:
+    """torch.ops.jambalab_kernels, building it on first call; None (after one warning) if that fails."""
+    if not _state["tried"]:
+        _state["tried"] = True
+        try:
+            _state["ops"] = load_extension()
+        except KernelBuildError as err:
+            _state["error"] = err
+            warnings.warn(
+                f"jambalab: fused CPU kernels unavailable, using the slow pure-PyTorch reference ({err}). "
+                "Set JAMBALAB_KERNELS=ref to choose it explicitly.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _state["ops"]
+
+
+def build_error() -> KernelBuildError | None:
+    """Why kernels() returned None (for test skip reasons), else None."""
+    return _state["error"]
+
+
+def load_extension() -> Any:
+    """Compile (or reuse the cached build) and load the kernels; raises KernelBuildError."""
+    sources = sorted(_CSRC.glob("*.cpp"))
+    if not sources:
+        raise KernelBuildError(f"no C++ sources in {_CSRC} (package data missing?)")
+    flags = _compile_flags()
+    key = _build_key(sources, flags)
+    build_dir = _cache_root() / key
+    name = f"{_LIB}_{key[:12]}"
+    try:
+        _load_or_build(name, sources, flags, build_dir)
+    except Exception as err:  # compiler, ninja, linker or dlopen failure: all mean "use the reference"
+        raise KernelBuildError(f"{type(err).__name__}: {_first_line(err)}") from err
+    return getattr(torch.ops, _LIB)
+
+
+def _load_or_build(name: str, sources: list[Path], flags: list[str], build_dir: Path) -> None:
+    library = build_dir / f"{name}.so"
+    # A finished build loads directly: no ninja or compiler needed, no ~100 ms ninja check.
+    # While another process builds, its lock file exists and torch's load() waits on it.
+    if library.exists() and not (build_dir / "lock").exists():
+        torch.ops.load_library(str(library))
+        return
+    from torch.utils import cpp_extension
+
+    _put_pip_ninja_on_path()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    log.info("jambalab: compiling fused CPU kernels into %s (once per machine)", build_dir)
+    cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in sources],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def _compile_flags() -> list[str]:
+    # -fopenmp links libgomp.so.1, the soname torch's wheel ships, so both share one thread pool.
+    arch = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
+    return ["-O3", arch, "-fopenmp"]
+
+
+def _build_key(sources: list[Path], flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for src in sources:
+        h.update(src.name.encode() + b"\0" + src.read_bytes())
+    for part in (*flags, torch.__version__, sys.version, platform.machine(), _cpu_fingerprint()):
+        h.update(part.encode() + b"\0")
+    h.update(os.environ.get("CXX", "c++").encode())
+    return h.hexdigest()[:24]
+
+
+def _cpu_fingerprint() -> str:
+    """The CPU model and feature flags that -march=native compiles for."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = ("model name", "flags", "features", "cpu part", "cpu implementer")
+    lines = {ln.split(":", 1)[0].strip().lower(): ln for ln in text.splitlines() if ":" in ln}
+    return "\n".join(lines[k] for k in wanted if k in lines)
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "jambalab" / "torch_extensions"
+
+
+def _put_pip_ninja_on_path() -> None:
+    # `pip install ninja` puts the binary in the environment's bin dir, which is not
+    # on PATH when a venv's python is run without activating the venv.
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no message"

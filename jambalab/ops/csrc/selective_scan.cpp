@@ -1,0 +1,656 @@
+// Fused CPU kernels for the Mamba-1 selective scan (forward and backward) and
+// the two decode-step ops. Built at first use by jambalab/ops/cpu.py; the
+// pure-PyTorch twins live in jambalab/ops/scan_ref.py and conv_ref.py.
+//
+// Legend: B batch, L length, D d_inner (channels), N d_state, K d_conv,
+//         T checkpoint interval (chunk_size), W SIMD lanes, CB channels per
+//         block (= V vectors of W lanes).
+//
+//   h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t      (fp32 state)
+//   y_t = (h_t . C_t + D * x_t) * silu(z_t)
+//
+// Design (see REFERENCE.md, "CPU performance facts"):
+// - Activations stay in (B, L, D): a task owns (batch b, CB channels) and walks
+//   time; the state is kept as [N][V] vectors over its channels, so the
+//   recurrence, the exp and the y = h . C contraction are all vertical SIMD
+//   ops (no horizontal sums in the forward).
+// - exp is the ceiling (one per state update), so it is a branch-free
+//   polynomial exp2 on GCC vector types, ~1e-7 relative error.
+// - The backward walks chunks of T steps in reverse: it recomputes the chunk's
+//   states from checkpoints the forward saved every T steps, keeps them (and
+//   exp(dt*A)) in a small per-task buffer, then runs the adjoint recurrence.
+//   Nothing of size (B, L, D, N) is ever allocated.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <omp.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// ---------------------------------------------------------------- SIMD basics
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+constexpr int W = kVecBytes / 4;
+constexpr int V = W >= 16 ? 1 : 16 / W;  // 16 channels per block: one AVX-512 vector, two AVX2 ones
+constexpr int CB = V * W;
+constexpr int kMaxN = 64;  // d_state bound for the on-stack state; cpu.py falls back above it
+
+typedef float vf __attribute__((vector_size(kVecBytes)));
+typedef int32_t vi __attribute__((vector_size(kVecBytes)));
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+inline vf splat(float s) { return vf{} + s; }
+
+// Clamp with one min and one max instruction; the portable `a < b ? b : a` costs
+// a compare and a blend each, measurable in the exp, which is the hot loop.
+inline vf clamp(vf u, float lo, float hi) {
+#if defined(__AVX512F__)
+  return _mm512_min_ps(_mm512_max_ps(u, splat(lo)), splat(hi));
+#elif defined(__AVX__)
+  return _mm256_min_ps(_mm256_max_ps(u, splat(lo)), splat(hi));
+#else
+  u = u < splat(lo) ? splat(lo) : u;
+  return u > splat(hi) ? splat(hi) : u;
+#endif
+}
+
+// Minimax fit of 2^f on [-0.5, 0.5] (p(f) = 1 + f * q(f)), max rel error ~1e-7 in fp32.
+constexpr float kP1 = 6.931472029e-01f, kP2 = 2.402264791e-01f, kP3 = 5.550332471e-02f,
+                kP4 = 9.618437359e-03f, kP5 = 1.339887465e-03f, kP6 = 1.535336203e-04f;
+// Adding 1.5 * 2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
+constexpr float kRound = 12582912.0f;
+
+// 2^u for a vector; u is clamped to [-126, 127] so the exponent trick stays in range
+// (2^-126 is ~1e-38: as good as zero for a decay factor).
+inline vf exp2v(vf u) {
+  u = clamp(u, -126.0f, 127.0f);
+  const vf t = u + kRound;
+  const vf n = t - kRound;
+  const vf f = u - n;
+  vf p = splat(kP6);
+  p = p * f + kP5;
+  p = p * f + kP4;
+  p = p * f + kP3;
+  p = p * f + kP2;
+  p = p * f + kP1;
+  p = p * f + 1.0f;
+  // GCC vector casts between same-size types reinterpret the bits.
+  const vi e = ((vi)t - (vi)splat(kRound) + 127) << 23;
+  return p * (vf)e;
+}
+
+// Scalar twin of exp2v, written so that `omp simd` loops vectorise it.
+inline float exp2s(float u) {
+  u = std::min(std::max(u, -126.0f), 127.0f);
+  const float t = u + kRound;
+  const float n = t - kRound;
+  const float f = u - n;
+  float p = kP6;
+  p = p * f + kP5;
+  p = p * f + kP4;
+  p = p * f + kP3;
+  p = p * f + kP2;
+  p = p * f + kP1;
+  p = p * f + 1.0f;
+  int32_t ti, rb;
+  const float r = kRound;
+  std::memcpy(&ti, &t, 4);
+  std::memcpy(&rb, &r, 4);
+  const int32_t e = (ti - rb + 127) << 23;
+  float s;
+  std::memcpy(&s, &e, 4);
+  return p * s;
+}
+
+inline vf sigmoidv(vf z) { return 1.0f / (1.0f + exp2v(z * -kLog2e)); }
+
+inline float hsum(vf v) {
+  alignas(kVecBytes) float s[W];
+  std::memcpy(s, &v, sizeof v);
+  for (int w = W / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) s[i] += s[i + w];
+  return s[0];
+}
+
+inline float f32(float v) { return v; }
+inline float f32(c10::BFloat16 v) { return static_cast<float>(v); }
+template <typename T>
+inline T from_f32(float v) { return static_cast<T>(v); }  // BFloat16: round to nearest even
+
+// ------------------------------------------------ channel-block loads/stores
+
+// A block is CB consecutive channels d0..d0+nc; lanes past nc read as 0 and are
+// never written, so a zero lane keeps exp(0 * A) = 1 and a zero state: no NaNs.
+template <typename T>
+inline void load_block(const T* p, int nc, vf out[V]) {
+  alignas(kVecBytes) float tmp[CB];
+  if (nc == CB) {
+    for (int c = 0; c < CB; ++c) tmp[c] = f32(p[c]);
+  } else {
+    for (int c = 0; c < CB; ++c) tmp[c] = c < nc ? f32(p[c]) : 0.0f;
+  }
+  std::memcpy(out, tmp, sizeof tmp);
+}
+
+inline void zero_block(vf out[V]) {
+  for (int v = 0; v < V; ++v) out[v] = vf{};
+}
+
+template <typename T>
+inline void store_block(T* p, int nc, const vf in[V]) {
+  alignas(kVecBytes) float tmp[CB];
+  std::memcpy(tmp, in, sizeof tmp);
+  if (nc == CB) {
+    for (int c = 0; c < CB; ++c) p[c] = from_f32<T>(tmp[c]);
+  } else {
+    for (int c = 0; c < nc; ++c) p[c] = from_f32<T>(tmp[c]);
+  }
+}
+
+// (D, N) row-major matrix (state, A, or their grads) <-> [N][V] vectors of the block.
+// The transpose costs D*N per task, once, next to L*D*N updates.
+inline void gather_dn(const float* m, int64_t d0, int nc, int64_t N, float scale, vf out[][V]) {
+  float* o = reinterpret_cast<float*>(out);  // o[n * CB + c]
+  for (int64_t n = 0; n < N; ++n)
+    for (int c = 0; c < CB; ++c) o[n * CB + c] = (m && c < nc) ? m[(d0 + c) * N + n] * scale : 0.0f;
+}
+
+inline void scatter_dn(float* m, int64_t d0, int nc, int64_t N, const vf in[][V]) {
+  const float* s = reinterpret_cast<const float*>(in);
+  for (int c = 0; c < nc; ++c)
+    for (int64_t n = 0; n < N; ++n) m[(d0 + c) * N + n] = s[n * CB + c];
+}
+
+inline void load_param(const float* p, int64_t d0, int nc, vf out[V]) {
+  if (p) {
+    load_block(p + d0, nc, out);
+  } else {
+    zero_block(out);
+  }
+}
+
+// y = (y + D x) * silu(z); also the tail of every forward step.
+template <typename T>
+inline void skip_and_gate(vf y[V], const vf x[V], const vf Dv[V], const T* zrow, int nc) {
+  for (int v = 0; v < V; ++v) y[v] += Dv[v] * x[v];
+  if (!zrow) return;
+  vf z[V];
+  load_block(zrow, nc, z);
+  for (int v = 0; v < V; ++v) y[v] *= z[v] * sigmoidv(z[v]);
+}
+
+// ---------------------------------------------------------------- threading
+
+// A (B, L, X) tensor whose last dim is contiguous; rows may be strided (e.g. the
+// x half of in_proj's output), so the caller need not copy.
+template <typename T>
+struct Rows {
+  T* p = nullptr;
+  int64_t sb = 0, st = 0;
+  T* at(int64_t b, int64_t t) const { return p + b * sb + t * st; }
+  explicit operator bool() const { return p != nullptr; }
+};
+
+template <typename T>
+Rows<const T> rows(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
+}
+template <typename T>
+Rows<const T> rows(const std::optional<at::Tensor>& t) {
+  return t && t->defined() ? rows<T>(*t) : Rows<const T>{};
+}
+template <typename T>
+Rows<T> out_rows(at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
+}
+
+const float* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t && t->defined() ? t->data_ptr<float>() : nullptr;
+}
+
+int plan_threads(int64_t tasks) {
+  if (omp_in_parallel()) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks)));
+}
+
+// Runs body(task, tid) over [0, tasks) in contiguous static ranges, one per
+// thread, on torch's OpenMP runtime (torch ships libgomp.so.1, which this
+// library then shares); tid indexes per-thread scratch without locks.
+template <typename F>
+void run_tasks(int64_t tasks, int threads, const F& body) {
+  if (threads <= 1) {
+    for (int64_t i = 0; i < tasks; ++i) body(i, 0);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num(), got = omp_get_num_threads();
+    const int64_t lo = tasks * tid / got, hi = tasks * (tid + 1) / got;
+    for (int64_t i = lo; i < hi; ++i) body(i, tid);
+  }
+}
+
+// ---------------------------------------------------------------- forward
+
+template <typename T>
+struct FwdArgs {
+  Rows<const T> x, dt, z, Bm, Cm;
+  Rows<T> y;
+  const float *A, *Dskip, *h0;  // Dskip, h0 may be null
+  float *h_last, *ckpt;         // ckpt: (B, nck, D, N) or null
+  int64_t L, D, N, chunk, nck;
+};
+
+template <typename T>
+void fwd_block(const FwdArgs<T>& p, int64_t b, int64_t d0) {
+  const int nc = static_cast<int>(std::min<int64_t>(CB, p.D - d0));
+  const int64_t N = p.N, DN = p.D * N;
+  vf A2[kMaxN][V], h[kMaxN][V], Dv[V];
+  gather_dn(p.A, d0, nc, N, kLog2e, A2);  // exp(dt A) = 2^(dt A log2e): fold log2e into A once
+  gather_dn(p.h0 ? p.h0 + b * DN : nullptr, d0, nc, N, 1.0f, h);
+  load_param(p.Dskip, d0, nc, Dv);
+  for (int64_t t = 0; t < p.L; ++t) {
+    if (p.ckpt && t % p.chunk == 0) scatter_dn(p.ckpt + (b * p.nck + t / p.chunk) * DN, d0, nc, N, h);
+    vf dt[V], x[V], dtx[V], y[V];
+    load_block(p.dt.at(b, t) + d0, nc, dt);
+    load_block(p.x.at(b, t) + d0, nc, x);
+    for (int v = 0; v < V; ++v) dtx[v] = dt[v] * x[v], y[v] = vf{};
+    const T *Bt = p.Bm.at(b, t), *Ct = p.Cm.at(b, t);
+    for (int64_t n = 0; n < N; ++n) {
+      const float bn = f32(Bt[n]), cn = f32(Ct[n]);
+      for (int v = 0; v < V; ++v) {
+        const vf hn = exp2v(dt[v] * A2[n][v]) * h[n][v] + dtx[v] * bn;
+        h[n][v] = hn;
+        y[v] += hn * cn;
+      }
+    }
+    skip_and_gate(y, x, Dv, p.z ? p.z.at(b, t) + d0 : nullptr, nc);
+    store_block(p.y.at(b, t) + d0, nc, y);
+  }
+  scatter_dn(p.h_last + b * DN, d0, nc, N, h);
+}
+
+int64_t num_blocks(int64_t D) { return (D + CB - 1) / CB; }
+
+template <typename T>
+void scan_fwd_impl(const FwdArgs<T>& p, int64_t batch) {
+  const int64_t nb = num_blocks(p.D), tasks = batch * nb;
+  run_tasks(tasks, plan_threads(tasks), [&](int64_t i, int) { fwd_block(p, i / nb, (i % nb) * CB); });
+}
+
+// ---------------------------------------------------------------- backward
+
+template <typename T>
+struct BwdArgs {
+  Rows<const T> x, dt, z, Bm, Cm, dy;  // z, dy may be absent
+  Rows<T> dx, ddt, dz;
+  const float *A, *Dskip, *ckpt, *dh_last;  // Dskip, dh_last may be null
+  float *dh0, *dA_part, *dD_part;           // (B, D, N), (B, D, N), (B, D)
+  float *dB_acc, *dC_acc;                   // (threads, B, L, N): dB, dC sum over all channels
+  int64_t Bsz, L, D, N, chunk, nck;
+};
+
+// Per-task scratch for one chunk of steps s..e-1: h holds [T+1][N][V] states
+// (slot i is h_{s+i-1}, slot 0 the checkpoint), a the decays exp(dt_t A) [T][N][V].
+struct ChunkBuf {
+  std::vector<vf> h, a, ys, dt, x;  // ys, dt, x: [T][V]
+  ChunkBuf(int64_t T, int64_t N) : h((T + 1) * N * V), a(T * N * V), ys(T * V), dt(T * V), x(T * V) {}
+};
+
+// Replays steps [s, e) from the state h (the state before s), filling buf.
+template <typename T>
+void recompute_chunk(const BwdArgs<T>& p, int64_t b, int64_t d0, int nc, int64_t s, int64_t e,
+                     const vf A2[][V], vf h[][V], ChunkBuf& buf) {
+  const int64_t N = p.N;
+  std::copy(&h[0][0], &h[0][0] + N * V, buf.h.begin());
+  for (int64_t t = s; t < e; ++t) {
+    const int64_t i = t - s;
+    vf *dt = &buf.dt[i * V], *x = &buf.x[i * V], *ys = &buf.ys[i * V];
+    vf *hb = &buf.h[(i + 1) * N * V], *ab = &buf.a[i * N * V];
+    load_block(p.dt.at(b, t) + d0, nc, dt);
+    load_block(p.x.at(b, t) + d0, nc, x);
+    vf dtx[V];
+    for (int v = 0; v < V; ++v) dtx[v] = dt[v] * x[v], ys[v] = vf{};
+    const T *Bt = p.Bm.at(b, t), *Ct = p.Cm.at(b, t);
+    for (int64_t n = 0; n < N; ++n) {
+      const float bn = f32(Bt[n]), cn = f32(Ct[n]);
+      for (int v = 0; v < V; ++v) {
+        const vf a = exp2v(dt[v] * A2[n][v]);
+        const vf hn = a * h[n][v] + dtx[v] * bn;
+        h[n][v] = hn;
+        ab[n * V + v] = a;
+        hb[n * V + v] = hn;
+        ys[v] += hn * cn;
+      }
+    }
+  }
+}
+
+// Gradient through the skip and the gate of step t: returns g_pre = dL/d(h.C + D x),
+// writes dz, accumulates dD.
+template <typename T>
+inline void gate_grad(const BwdArgs<T>& p, int64_t b, int64_t t, int64_t d0, int nc, const vf ys[V],
+                      const vf x[V], const vf Dv[V], vf gpre[V], vf dD[V]) {
+  if (p.dy) {
+    load_block(p.dy.at(b, t) + d0, nc, gpre);
+  } else {
+    zero_block(gpre);
+  }
+  if (p.z) {
+    vf z[V], dz[V];
+    load_block(p.z.at(b, t) + d0, nc, z);
+    for (int v = 0; v < V; ++v) {
+      const vf sg = sigmoidv(z[v]);
+      const vf pre = ys[v] + Dv[v] * x[v];
+      dz[v] = gpre[v] * pre * sg * (1.0f + z[v] * (1.0f - sg));  // silu'(z) = s (1 + z (1 - s))
+      gpre[v] *= z[v] * sg;
+    }
+    store_block(p.dz.at(b, t) + d0, nc, dz);
+  }
+  for (int v = 0; v < V; ++v) dD[v] += gpre[v] * x[v];
+}
+
+// Adjoint recurrence over one chunk, t = e-1 .. s. r holds dL/dh_t flowing back from
+// the future; per step r += g_pre C_t, then r <- a_t r. With q = a_t r h_{t-1}:
+// ddt = sum_n q A + x sum_n r B, dA += q dt, dB_t = sum_d r dt x,
+// dC_t = sum_d g_pre h_t, dx = g_pre D + dt sum_n r B. (q from h_{t-1}, not from
+// h_t - dt x B, which cancels: dA would be rounding noise where it should be 0.)
+template <typename T>
+void reverse_chunk(const BwdArgs<T>& p, int64_t b, int64_t d0, int nc, int64_t s, int64_t e, int tid,
+                   const vf Af[][V], const vf Dv[V], const ChunkBuf& buf, vf r[][V], vf dA[][V],
+                   vf dD[V]) {
+  const int64_t N = p.N;
+  float* dBrow = p.dB_acc + (tid * p.Bsz + b) * p.L * N;
+  float* dCrow = p.dC_acc + (tid * p.Bsz + b) * p.L * N;
+  for (int64_t t = e - 1; t >= s; --t) {
+    const int64_t i = t - s;
+    const vf *dt = &buf.dt[i * V], *x = &buf.x[i * V];
+    const vf *hprev = &buf.h[i * N * V], *hb = &buf.h[(i + 1) * N * V], *ab = &buf.a[i * N * V];
+    vf gpre[V], dtx[V], s1[V], s2[V];
+    gate_grad(p, b, t, d0, nc, &buf.ys[i * V], x, Dv, gpre, dD);
+    for (int v = 0; v < V; ++v) dtx[v] = dt[v] * x[v], s1[v] = vf{}, s2[v] = vf{};
+    const T *Bt = p.Bm.at(b, t), *Ct = p.Cm.at(b, t);
+    for (int64_t n = 0; n < N; ++n) {
+      const float bn = f32(Bt[n]), cn = f32(Ct[n]);
+      vf gB = vf{}, gC = vf{};
+      for (int v = 0; v < V; ++v) {
+        const vf hn = hb[n * V + v];
+        const vf rr = r[n][v] + gpre[v] * cn;
+        const vf ar = ab[n * V + v] * rr;
+        const vf q = ar * hprev[n * V + v];
+        gC += gpre[v] * hn;
+        gB += rr * dtx[v];
+        s1[v] += rr * bn;
+        s2[v] += q * Af[n][v];
+        dA[n][v] += q * dt[v];
+        r[n][v] = ar;
+      }
+      dBrow[t * N + n] += hsum(gB);
+      dCrow[t * N + n] += hsum(gC);
+    }
+    vf dxv[V], ddt[V];
+    for (int v = 0; v < V; ++v) {
+      dxv[v] = gpre[v] * Dv[v] + dt[v] * s1[v];
+      ddt[v] = s2[v] + x[v] * s1[v];
+    }
+    store_block(p.dx.at(b, t) + d0, nc, dxv);
+    store_block(p.ddt.at(b, t) + d0, nc, ddt);
+  }
+}
+
+template <typename T>
+void bwd_block(const BwdArgs<T>& p, int64_t b, int64_t d0, int tid) {
+  const int nc = static_cast<int>(std::min<int64_t>(CB, p.D - d0));
+  const int64_t N = p.N, DN = p.D * N;
+  vf A2[kMaxN][V], Af[kMaxN][V], h[kMaxN][V], r[kMaxN][V], dA[kMaxN][V], Dv[V], dD[V];
+  gather_dn(p.A, d0, nc, N, kLog2e, A2);
+  gather_dn(p.A, d0, nc, N, 1.0f, Af);
+  gather_dn(p.dh_last ? p.dh_last + b * DN : nullptr, d0, nc, N, 1.0f, r);
+  gather_dn(nullptr, d0, nc, N, 1.0f, dA);
+  load_param(p.Dskip, d0, nc, Dv);
+  zero_block(dD);
+  ChunkBuf buf(p.chunk, N);
+  for (int64_t c = p.nck - 1; c >= 0; --c) {
+    const int64_t s = c * p.chunk, e = std::min(s + p.chunk, p.L);
+    gather_dn(p.ckpt + (b * p.nck + c) * DN, d0, nc, N, 1.0f, h);
+    recompute_chunk(p, b, d0, nc, s, e, A2, h, buf);
+    reverse_chunk(p, b, d0, nc, s, e, tid, Af, Dv, buf, r, dA, dD);
+  }
+  scatter_dn(p.dh0 + b * DN, d0, nc, N, r);
+  scatter_dn(p.dA_part + b * DN, d0, nc, N, dA);
+  store_block(p.dD_part + b * p.D + d0, nc, dD);
+}
+
+// ---------------------------------------------------------------- op entry points
+
+template <typename F>
+void dispatch_float_bf16(at::ScalarType st, const char* op, const F& f) {
+  if (st == at::kFloat) {
+    f(float{});
+  } else if (st == at::kBFloat16) {
+    f(c10::BFloat16{});
+  } else {
+    TORCH_CHECK(false, op, ": expected float32 or bfloat16 activations, got ", st);
+  }
+}
+
+void check_rows(const at::Tensor& t, const char* name, at::ScalarType st) {
+  TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1, name, ": expected a 3-D tensor with a contiguous last dim");
+  TORCH_CHECK(t.scalar_type() == st, name, ": dtype ", t.scalar_type(), " differs from x's ", st);
+}
+
+void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), name, ": expected contiguous float32");
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                  const at::Tensor& C, const std::optional<at::Tensor>& D,
+                  const std::optional<at::Tensor>& z, int64_t chunk) {
+  const auto st = x.scalar_type();
+  const std::pair<const at::Tensor*, const char*> seqs[] = {{&x, "x"}, {&dt, "dt"}, {&B, "B"}, {&C, "C"}};
+  for (auto [t, name] : seqs) check_rows(*t, name, st);
+  if (z) check_rows(*z, "z", st);
+  check_f32(A, "A");
+  if (D) check_f32(*D, "D");
+  TORCH_CHECK(A.size(1) <= kMaxN, "d_state ", A.size(1), " exceeds ", kMaxN);
+  TORCH_CHECK(chunk >= 1, "chunk_size must be >= 1");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(
+    const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+    const std::optional<at::Tensor>& h0, int64_t chunk, bool save_ckpt) {
+  check_common(x, dt, A, B, C, D, z, chunk);
+  if (h0) check_f32(*h0, "h0");
+  const int64_t Bsz = x.size(0), L = x.size(1), Dn = x.size(2), N = A.size(1);
+  const int64_t nck = (L + chunk - 1) / chunk;
+  auto y = at::empty({Bsz, L, Dn}, x.options());
+  auto h_last = at::empty({Bsz, Dn, N}, A.options());
+  auto ckpt = at::empty({save_ckpt ? Bsz : 0, nck, Dn, N}, A.options());
+  dispatch_float_bf16(x.scalar_type(), "scan_fwd", [&](auto tag) {
+    using T = decltype(tag);
+    FwdArgs<T> p{rows<T>(x), rows<T>(dt), rows<T>(z), rows<T>(B), rows<T>(C), out_rows<T>(y),
+                 A.data_ptr<float>(), opt_ptr(D), opt_ptr(h0), h_last.data_ptr<float>(),
+                 save_ckpt ? ckpt.data_ptr<float>() : nullptr, L, Dn, N, chunk, nck};
+    scan_fwd_impl(p, Bsz);
+  });
+  return {y, h_last, ckpt};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+scan_bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+         const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+         const at::Tensor& ckpt, const std::optional<at::Tensor>& dy,
+         const std::optional<at::Tensor>& dh_last, int64_t chunk) {
+  check_common(x, dt, A, B, C, D, z, chunk);
+  const int64_t Bsz = x.size(0), L = x.size(1), Dn = x.size(2), N = A.size(1);
+  const int64_t nck = (L + chunk - 1) / chunk;
+  check_f32(ckpt, "ckpt");
+  TORCH_CHECK(ckpt.numel() == Bsz * nck * Dn * N, "ckpt: wrong size for chunk_size ", chunk);
+  if (dy) check_rows(*dy, "dy", x.scalar_type());
+  if (dh_last) check_f32(*dh_last, "dh_last");
+  const int64_t nb = num_blocks(Dn), tasks = Bsz * nb;
+  const int threads = plan_threads(tasks);
+  auto dx = at::empty({Bsz, L, Dn}, x.options());
+  auto ddt = at::empty({Bsz, L, Dn}, x.options());
+  auto dz = at::empty({z ? Bsz : 0, L, Dn}, x.options());
+  auto f32 = A.options();
+  auto dh0 = at::empty({Bsz, Dn, N}, f32);
+  auto dA_part = at::empty({Bsz, Dn, N}, f32);
+  auto dD_part = at::empty({Bsz, Dn}, f32);
+  auto dB_acc = at::zeros({threads, Bsz, L, N}, f32);
+  auto dC_acc = at::zeros({threads, Bsz, L, N}, f32);
+  dispatch_float_bf16(x.scalar_type(), "scan_bwd", [&](auto tag) {
+    using T = decltype(tag);
+    BwdArgs<T> p{rows<T>(x), rows<T>(dt), rows<T>(z), rows<T>(B), rows<T>(C), rows<T>(dy),
+                 out_rows<T>(dx), out_rows<T>(ddt), z ? out_rows<T>(dz) : Rows<T>{},
+                 A.data_ptr<float>(), opt_ptr(D), ckpt.data_ptr<float>(), opt_ptr(dh_last),
+                 dh0.data_ptr<float>(), dA_part.data_ptr<float>(), dD_part.data_ptr<float>(),
+                 dB_acc.data_ptr<float>(), dC_acc.data_ptr<float>(), Bsz, L, Dn, N, chunk, nck};
+    run_tasks(tasks, threads, [&](int64_t i, int tid) { bwd_block(p, i / nb, (i % nb) * CB, tid); });
+  });
+  return {dx, ddt, dA_part.sum(0), dB_acc.sum(0), dC_acc.sum(0), dD_part.sum(0), dz, dh0};
+}
+
+// ---------------------------------------------------------------- decode steps
+
+// Splits [0, n) over threads only when there is enough work to pay for the fork.
+template <typename F>
+void run_rows(int64_t n, int64_t work_per_row, const F& body) {
+  const int threads = n * work_per_row >= (1 << 16) ? plan_threads(n) : 1;
+  run_tasks(threads, threads, [&](int64_t i, int) { body(n * i / threads, n * (i + 1) / threads); });
+}
+
+template <typename T>
+void state_update_rows(int64_t lo, int64_t hi, float* h, const T* x, const T* dt, const float* A,
+                       const T* Bm, const T* Cm, const float* Dskip, const T* z, T* y, int64_t D,
+                       int64_t N) {
+  std::vector<float> bf(N), cf(N);
+  int64_t cur_b = -1;
+  for (int64_t row = lo; row < hi; ++row) {
+    const int64_t b = row / D, d = row % D;
+    if (b != cur_b) {  // B_b, C_b in fp32 once per batch row
+      for (int64_t n = 0; n < N; ++n) bf[n] = f32(Bm[b * N + n]), cf[n] = f32(Cm[b * N + n]);
+      cur_b = b;
+    }
+    const float dtv = f32(dt[row]), xv = f32(x[row]), dtx = dtv * xv;
+    float* hd = h + row * N;
+    const float* Ad = A + d * N;
+    const float *bp = bf.data(), *cp = cf.data();
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t n = 0; n < N; ++n) {
+      const float hn = exp2s(dtv * Ad[n] * kLog2e) * hd[n] + dtx * bp[n];
+      hd[n] = hn;
+      acc += hn * cp[n];
+    }
+    if (Dskip) acc += Dskip[d] * xv;
+    if (z) {
+      const float zv = f32(z[row]);
+      acc *= zv / (1.0f + std::exp(-zv));
+    }
+    y[row] = from_f32<T>(acc);
+  }
+}
+
+at::Tensor state_update(at::Tensor& h, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
+                        const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
+                        const std::optional<at::Tensor>& z) {
+  check_f32(h, "h");
+  check_f32(A, "A");
+  if (D) check_f32(*D, "D");
+  const auto st = x.scalar_type();
+  const std::pair<const at::Tensor*, const char*> ins[] = {{&x, "x"}, {&dt, "dt"}, {&B, "B"}, {&C, "C"}};
+  for (auto [t, name] : ins)
+    TORCH_CHECK(t->scalar_type() == st && t->is_contiguous(), name, ": expected contiguous ", st);
+  if (z) TORCH_CHECK(z->scalar_type() == st && z->is_contiguous(), "z: expected contiguous ", st);
+  const int64_t Bsz = h.size(0), Dn = h.size(1), N = h.size(2);
+  auto y = at::empty({Bsz, Dn}, x.options());
+  dispatch_float_bf16(st, "state_update", [&](auto tag) {
+    using T = decltype(tag);
+    const T* zp = z ? z->data_ptr<T>() : nullptr;
+    run_rows(Bsz * Dn, N, [&](int64_t lo, int64_t hi) {
+      state_update_rows<T>(lo, hi, h.data_ptr<float>(), x.data_ptr<T>(), dt.data_ptr<T>(),
+                           A.data_ptr<float>(), B.data_ptr<T>(), C.data_ptr<T>(), opt_ptr(D), zp,
+                           y.data_ptr<T>(), Dn, N);
+    });
+  });
+  return y;
+}
+
+template <typename X, typename S>
+void conv_update_rows(int64_t lo, int64_t hi, const X* x, S* state, const float* w, const float* bias,
+                      X* out, int64_t D, int64_t K) {
+  for (int64_t row = lo; row < hi; ++row) {
+    const int64_t d = row % D;
+    S* s = state + row * K;
+    const float* wd = w + d * K;
+    for (int64_t k = 0; k + 1 < K; ++k) s[k] = s[k + 1];
+    s[K - 1] = static_cast<S>(f32(x[row]));
+    float acc = 0.0f;
+    for (int64_t k = 0; k < K; ++k) acc += f32(s[k]) * wd[k];
+    if (bias) acc += bias[d];
+    out[row] = from_f32<X>(acc / (1.0f + std::exp(-acc)));
+  }
+}
+
+at::Tensor conv_update(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias) {
+  check_f32(weight, "weight");
+  if (bias) check_f32(*bias, "bias");
+  TORCH_CHECK(x.is_contiguous() && conv_state.is_contiguous(), "conv_update: expected contiguous x, conv_state");
+  const int64_t Bsz = conv_state.size(0), Dn = conv_state.size(1), K = conv_state.size(2);
+  auto out = at::empty({Bsz, Dn}, x.options());
+  dispatch_float_bf16(x.scalar_type(), "conv_update", [&](auto xtag) {
+    dispatch_float_bf16(conv_state.scalar_type(), "conv_update", [&](auto stag) {
+      using X = decltype(xtag);
+      using S = decltype(stag);
+      run_rows(Bsz * Dn, K, [&](int64_t lo, int64_t hi) {
+        conv_update_rows<X, S>(lo, hi, x.data_ptr<X>(), conv_state.data_ptr<S>(), weight.data_ptr<float>(),
+                               opt_ptr(bias), out.data_ptr<X>(), Dn, K);
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(jambalab_kernels, m) {
+  m.def(
+      "scan_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? h0, "
+      "int chunk, bool save_ckpt) -> (Tensor, Tensor, Tensor)",
+      &scan_fwd);
+  m.def(
+      "scan_bwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor ckpt, "
+      "Tensor? dy, Tensor? dh_last, int chunk) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+      &scan_bwd);
+  m.def(
+      "state_update(Tensor(a!) h, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
+      "Tensor? z) -> Tensor",
+      &state_update);
+  m.def("conv_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias) -> Tensor", &conv_update);
+}

@@ -1,0 +1,255 @@
+"""Fused CPU selective scan and decode steps: input checks, autograd, fallbacks.
+
+Legend: B batch, L length, D d_inner (channels), N d_state, K d_conv.
+
+Same signatures and results as the references in scan_ref.py / conv_ref.py.
+Every call checks its inputs (a bad dtype or shape raises InputError naming the
+argument and both shapes), then runs the C++ kernels (jambalab/ops/cpu.py)
+when all tensors are on the CPU and the kernels built; otherwise the reference.
+
+- selective_scan: differentiable in every input, including through h_last
+  (a reverse-time pass over checkpoints saved every `chunk_size` steps; no
+  double backward). Activations may be float32, bfloat16 or float16 (float16
+  and mixed dtypes are computed in float32); the state is always float32.
+- selective_state_update / causal_conv1d_update: inference only; under grad
+  mode with an input that requires grad they run the reference instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from jambalab.errors import InputError
+from jambalab.ops import cpu
+from jambalab.ops.conv_ref import causal_conv1d_update_ref
+from jambalab.ops.scan_ref import selective_scan_ref, selective_state_update_ref
+
+Tensor = torch.Tensor
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ instantiates
+_MAX_D_STATE = 64  # kMaxN in the C++ (state kept on the stack); larger runs the reference
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _check_float(op: str, name: str, t: Tensor | None) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise InputError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise InputError(f"{op}: {name} has dtype {t.dtype}; expected float32, bfloat16 or float16")
+
+
+def _check_shape(op: str, name: str, t: Tensor | None, expected: Sequence[int], basis: str) -> None:
+    if t is not None and tuple(t.shape) != tuple(expected):
+        raise InputError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(expected)} ({basis})")
+
+
+def _check_scan(x, dt, A, B, C, D, z, h0, chunk_size) -> None:
+    op = "selective_scan"
+    for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("h0", h0)):
+        _check_float(op, name, t)
+    if x.dim() != 3:
+        raise InputError(f"{op}: x must be (batch, length, d_inner), got shape {tuple(x.shape)}")
+    if A.dim() != 2:
+        raise InputError(f"{op}: A must be (d_inner, d_state), got shape {tuple(A.shape)}")
+    bsz, length, d_inner = x.shape
+    d_state = A.shape[1]
+    basis = f"from x {tuple(x.shape)} and A {tuple(A.shape)}"
+    _check_shape(op, "A", A, (d_inner, d_state), f"d_inner from x {tuple(x.shape)}")
+    for name, t in (("dt", dt), ("z", z)):
+        _check_shape(op, name, t, x.shape, f"same as x {tuple(x.shape)}")
+    for name, t in (("B", B), ("C", C)):
+        _check_shape(op, name, t, (bsz, length, d_state), basis)
+    _check_shape(op, "D", D, (d_inner,), basis)
+    _check_shape(op, "h0", h0, (bsz, d_inner, d_state), basis)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise InputError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def _check_state_update(h, x, dt, A, B, C, D, z) -> None:
+    op = "selective_state_update"
+    for name, t in (("h", h), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z)):
+        _check_float(op, name, t)
+    if h.dim() != 3:
+        raise InputError(f"{op}: h must be (batch, d_inner, d_state), got shape {tuple(h.shape)}")
+    if h.dtype != torch.float32:
+        raise InputError(f"{op}: h (the SSM state) must be float32, got {h.dtype}")
+    bsz, d_inner, d_state = h.shape
+    basis = f"from h {tuple(h.shape)}"
+    for name, t in (("x", x), ("dt", dt), ("z", z)):
+        _check_shape(op, name, t, (bsz, d_inner), basis)
+    _check_shape(op, "A", A, (d_inner, d_state), basis)
+    for name, t in (("B", B), ("C", C)):
+        _check_shape(op, name, t, (bsz, d_state), basis)
+    _check_shape(op, "D", D, (d_inner,), basis)
+
+
+def _check_conv_update(x, conv_state, weight, bias) -> None:
+    op = "causal_conv1d_update"
+    for name, t in (("x", x), ("conv_state", conv_state), ("weight", weight), ("bias", bias)):
+        _check_float(op, name, t)
+    if conv_state.dim() != 3:
+        raise InputError(f"{op}: conv_state must be (batch, d_inner, d_conv), got shape {tuple(conv_state.shape)}")
+    bsz, d_inner, d_conv = conv_state.shape
+    basis = f"from conv_state {tuple(conv_state.shape)}"
+    _check_shape(op, "x", x, (bsz, d_inner), basis)
+    _check_shape(op, "weight", weight, (d_inner, d_conv), basis)
+    _check_shape(op, "bias", bias, (d_inner,), basis)
+
+
+# ---------------------------------------------------------------- dispatch helpers
+
+
+def _present(*ts: Tensor | None) -> list[Tensor]:
+    return [t for t in ts if t is not None]
+
+
+def _kernels_for(*ts: Tensor | None):
+    """The compiled ops if every tensor is on the CPU and they built, else None."""
+    if any(t.device.type != "cpu" for t in _present(*ts)):
+        return None
+    return cpu.kernels()
+
+
+def _needs_grad(*ts: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in _present(*ts))
+
+
+def _compute_dtype(*ts: Tensor | None) -> torch.dtype:
+    """One activation dtype for the kernel: the common one if it has a kernel, else float32."""
+    dtypes = {t.dtype for t in _present(*ts)}
+    if len(dtypes) == 1 and (only := dtypes.pop()) in _KERNEL_DTYPES:
+        return only
+    return torch.float32
+
+
+def _rows(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    # The kernels take strided rows but need a contiguous last dim: the x and z
+    # halves of in_proj's output pass without a copy.
+    if t is None:
+        return None
+    t = t.to(dtype)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.float().contiguous()
+
+
+def _dense(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype).contiguous()
+
+
+# ---------------------------------------------------------------- selective scan
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    """Kernel-level scan on prepared inputs (same dtype rows, fp32 A/D/h0)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, h0, chunk_size):
+        y, h_last, ckpt = cpu.kernels().scan_fwd(x, dt, A, B, C, D, z, h0, chunk_size, True)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, ckpt)
+        ctx.chunk_size = chunk_size
+        ctx.set_materialize_grads(False)  # an unused y or h_last gives None: skip its work
+        return y, h_last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dh_last):
+        x, dt, A, B, C, D, z, ckpt = ctx.saved_tensors
+        dy = _rows(dy, x.dtype)
+        dh_last = _f32(dh_last)
+        dx, ddt, dA, dB, dC, dD, dz, dh0 = cpu.kernels().scan_bwd(
+            x, dt, A, B, C, D, z, ckpt, dy, dh_last, ctx.chunk_size
+        )
+        need = ctx.needs_input_grad
+        return (
+            dx if need[0] else None,
+            ddt if need[1] else None,
+            dA if need[2] else None,
+            dB.to(B.dtype) if need[3] else None,
+            dC.to(C.dtype) if need[4] else None,
+            dD if need[5] else None,
+            dz if need[6] else None,
+            dh0 if need[7] else None,
+            None,
+        )
+
+
+def selective_scan(
+    x: Tensor,  # (B, L, D)
+    dt: Tensor,  # (B, L, D), already softplus'd
+    A: Tensor,  # (D, N), negative
+    B: Tensor,  # (B, L, N)
+    C: Tensor,  # (B, L, N)
+    D: Tensor | None = None,  # (D,)
+    z: Tensor | None = None,  # (B, L, D)
+    h0: Tensor | None = None,  # (B, D, N)
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """Returns (y (B, L, D) in x.dtype, h_last (B, D, N) fp32); chunk_size is the backward's checkpoint interval."""
+    _check_scan(x, dt, A, B, C, D, z, h0, chunk_size)
+    ops = _kernels_for(x, dt, A, B, C, D, z, h0)
+    if ops is None or A.shape[1] > _MAX_D_STATE:
+        return selective_scan_ref(x, dt, A, B, C, D, z, h0, chunk_size)
+    act = _compute_dtype(x, dt, B, C, z)
+    args = (_rows(x, act), _rows(dt, act), _f32(A), _rows(B, act), _rows(C, act), _f32(D), _rows(z, act), _f32(h0))
+    if _needs_grad(x, dt, A, B, C, D, z, h0):
+        y, h_last = _SelectiveScanFn.apply(*args, chunk_size)
+    else:
+        y, h_last, _ = ops.scan_fwd(*args, chunk_size, False)
+    return y.to(x.dtype), h_last
+
+
+# ---------------------------------------------------------------- decode steps
+
+
+def selective_state_update(
+    h: Tensor,  # (B, D, N) fp32, updated in place
+    x: Tensor,  # (B, D)
+    dt: Tensor,  # (B, D), already softplus'd
+    A: Tensor,  # (D, N)
+    B: Tensor,  # (B, N)
+    C: Tensor,  # (B, N)
+    D: Tensor | None = None,  # (D,)
+    z: Tensor | None = None,  # (B, D)
+) -> Tensor:
+    """One decode step of the scan; mutates h, returns y (B, D) in x.dtype."""
+    _check_state_update(h, x, dt, A, B, C, D, z)
+    ops = _kernels_for(h, x, dt, A, B, C, D, z)
+    if ops is None or _needs_grad(h, x, dt, A, B, C, D, z):
+        return selective_state_update_ref(h, x, dt, A, B, C, D, z)
+    act = _compute_dtype(x, dt, B, C, z)
+    state = h if h.is_contiguous() else h.contiguous()
+    y = ops.state_update(
+        state, _dense(x, act), _dense(dt, act), _f32(A), _dense(B, act), _dense(C, act), _f32(D), _dense(z, act)
+    )
+    if state is not h:
+        h.copy_(state)
+    return y.to(x.dtype)
+
+
+def causal_conv1d_update(
+    x: Tensor,  # (B, D): one new token
+    conv_state: Tensor,  # (B, D, K), updated in place
+    weight: Tensor,  # (D, K)
+    bias: Tensor | None,  # (D,)
+) -> Tensor:
+    """One decode step of the conv: shift x into the state and return silu(conv) (B, D)."""
+    _check_conv_update(x, conv_state, weight, bias)
+    ops = _kernels_for(x, conv_state, weight, bias)
+    if ops is None or conv_state.dtype not in _KERNEL_DTYPES or _needs_grad(x, conv_state, weight, bias):
+        return causal_conv1d_update_ref(x, conv_state, weight, bias)
+    act = x.dtype if x.dtype in _KERNEL_DTYPES else torch.float32
+    state = conv_state if conv_state.is_contiguous() else conv_state.contiguous()
+    y = ops.conv_update(_dense(x, act), state, _f32(weight), _f32(bias))
+    if state is not conv_state:
+        conv_state.copy_(state)
+    return y.to(x.dtype)

@@ -1,0 +1,412 @@
+"""The fused CPU kernels against their pure-PyTorch twins: forward, every gradient,
+chunked continuation, decode steps, bad inputs and the fallbacks.
+
+Legend: B batch, L length, D d_inner, N d_state, K d_conv.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jambalab import ops
+from jambalab.errors import InputError
+from jambalab.ops import cpu, fused
+from jambalab.ops.conv_ref import causal_conv1d_ref, causal_conv1d_update_ref
+from jambalab.ops.scan_ref import selective_scan_ref, selective_state_update_ref
+
+SCAN_ARGS = ("x", "dt", "A", "B", "C", "D", "z", "h0")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    """The compiled ops; every test here needs them except the fallback and input-check ones."""
+    return cpu.kernels()
+
+
+def needs_kernels():
+    if cpu.kernels() is None:
+        pytest.skip(f"fused CPU kernels unavailable: {cpu.build_error()}")
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Max abs error relative to the reference's largest magnitude."""
+    got, want = got.double(), want.double()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
+def scan_inputs(bsz, length, d_inner, d_state, *, D=True, z=True, h0=True, dtype=torch.float32, seed=0):
+    """Realistic ranges: dt = softplus(.) around 0.3, A = -exp(.) like Mamba's A_log init."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    inputs = {
+        "x": randn(bsz, length, d_inner).to(dtype),
+        "dt": F.softplus(randn(bsz, length, d_inner) - 1.0).to(dtype),
+        "A": -torch.exp(randn(d_inner, d_state) * 0.5),
+        "B": randn(bsz, length, d_state).to(dtype),
+        "C": randn(bsz, length, d_state).to(dtype),
+        "D": randn(d_inner) if D else None,
+        "z": randn(bsz, length, d_inner).to(dtype) if z else None,
+        "h0": randn(bsz, d_inner, d_state) if h0 else None,
+    }
+    return inputs
+
+
+def scan_with_grads(fn, inputs, gy, gh, chunk_size=64):
+    """Runs fn on leaf copies of inputs, backprops (gy, gh); returns (y, h_last, {name: grad})."""
+    leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    y, h_last = fn(*(leaves[k] for k in SCAN_ARGS), chunk_size=chunk_size)
+    torch.autograd.backward([y, h_last], [gy, gh])
+    return y.detach(), h_last.detach(), {k: v.grad for k, v in leaves.items() if v is not None}
+
+
+# ---------------------------------------------------------------- forward and gradients
+
+SHAPES = [  # (B, L, D, N, chunk_size)
+    (1, 1, 24, 16, 64),
+    (3, 7, 40, 8, 4),
+    (1, 65, 24, 16, 16),
+    (3, 65, 40, 8, 64),
+    (1, 300, 40, 16, 64),
+    (3, 300, 24, 8, 128),
+]
+OPTIONS = {  # which of D, z, h0 are given
+    "plain": dict(D=False, z=False, h0=False),
+    "D": dict(D=True, z=False, h0=False),
+    "z": dict(D=False, z=True, h0=False),
+    "h0": dict(D=False, z=False, h0=True),
+    "all": dict(D=True, z=True, h0=True),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-L{}-D{}-N{}-T{}".format(*s))
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_scan_fp32_matches_reference(shape, option):
+    needs_kernels()
+    bsz, length, d_inner, d_state, chunk = shape
+    inputs = scan_inputs(bsz, length, d_inner, d_state, **OPTIONS[option])
+    gy = torch.randn(bsz, length, d_inner)
+    gh = torch.randn(bsz, d_inner, d_state)
+    y, h, grads = scan_with_grads(ops.selective_scan, inputs, gy, gh, chunk)
+    y_ref, h_ref, grads_ref = scan_with_grads(selective_scan_ref, inputs, gy, gh, chunk)
+    assert y.dtype == torch.float32 and h.dtype == torch.float32
+    assert rel_err(y, y_ref) < 1e-5
+    assert rel_err(h, h_ref) < 1e-5
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        assert grads[name].dtype == inputs[name].dtype, name
+        assert rel_err(grads[name], grads_ref[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("shape", [(3, 65, 40, 16, 16), (1, 300, 24, 8, 64)], ids=["B3-L65", "B1-L300"])
+def test_scan_bf16_matches_reference(shape):
+    needs_kernels()
+    bsz, length, d_inner, d_state, chunk = shape
+    inputs = scan_inputs(bsz, length, d_inner, d_state, dtype=torch.bfloat16)
+    gy = torch.randn(bsz, length, d_inner).bfloat16()
+    gh = torch.randn(bsz, d_inner, d_state)
+    y, h, grads = scan_with_grads(ops.selective_scan, inputs, gy, gh, chunk)
+    y_ref, h_ref, grads_ref = scan_with_grads(selective_scan_ref, inputs, gy, gh, chunk)
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    # The reference rounds to bf16 between the skip and the gate; the kernel rounds once.
+    assert rel_err(y, y_ref) < 2e-2
+    assert rel_err(h, h_ref) < 1e-5  # the state is fp32 from the same bf16 inputs
+    for name in grads:
+        assert grads[name].dtype == inputs[name].dtype, name
+        assert rel_err(grads[name], grads_ref[name]) < 3e-2, name
+
+
+def test_scan_mixed_and_fp16_inputs_run_in_fp32():
+    needs_kernels()
+    inputs = scan_inputs(2, 33, 24, 16)
+    inputs["x"] = inputs["x"].half()
+    y, h = ops.selective_scan(*(inputs[k] for k in SCAN_ARGS))
+    y_ref, h_ref = selective_scan_ref(*(inputs[k] for k in SCAN_ARGS))
+    assert y.dtype == torch.float16
+    assert rel_err(y, y_ref) < 2e-3
+    assert rel_err(h, h_ref) < 1e-5
+
+
+@pytest.mark.parametrize("used", ["y", "h_last"])
+def test_scan_grads_when_one_output_is_unused(used):
+    needs_kernels()
+    inputs = scan_inputs(2, 40, 24, 8)
+    results = []
+    for fn in (ops.selective_scan, selective_scan_ref):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        y, h = fn(*(leaves[k] for k in SCAN_ARGS), chunk_size=16)
+        (y.square().sum() if used == "y" else h.square().sum()).backward()
+        results.append({k: v.grad for k, v in leaves.items()})
+    for name in SCAN_ARGS:
+        want = results[1][name]  # None where the reference's graph never reached the input
+        want = torch.zeros_like(inputs[name]) if want is None else want
+        assert rel_err(results[0][name], want) < 1e-5, name
+
+
+def test_scan_without_grad_matches_with_grad():
+    needs_kernels()
+    inputs = scan_inputs(2, 50, 40, 16)
+    with torch.no_grad():
+        y0, h0 = ops.selective_scan(*(inputs[k] for k in SCAN_ARGS))
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y1, h1 = ops.selective_scan(*(leaves[k] for k in SCAN_ARGS))
+    assert y1.requires_grad and h1.requires_grad
+    torch.testing.assert_close(y0, y1.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(h0, h1.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("split", [1, 17, 64, 99])
+def test_scan_in_two_chunks_equals_one(split):
+    needs_kernels()
+    inputs = scan_inputs(2, 100, 24, 16)
+    y, h = ops.selective_scan(*(inputs[k] for k in SCAN_ARGS))
+    first = {k: v[:, :split] if k in ("x", "dt", "B", "C", "z") else v for k, v in inputs.items()}
+    second = {k: v[:, split:] if k in ("x", "dt", "B", "C", "z") else v for k, v in inputs.items()}
+    y1, h1 = ops.selective_scan(*(first[k] for k in SCAN_ARGS))
+    second["h0"] = h1
+    y2, h2 = ops.selective_scan(*(second[k] for k in SCAN_ARGS))
+    torch.testing.assert_close(torch.cat([y1, y2], dim=1), y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h2, h, rtol=1e-6, atol=1e-6)
+
+
+def test_scan_gradients_flow_through_carried_state():
+    needs_kernels()
+    inputs = scan_inputs(1, 60, 24, 8)
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y_full, _ = ops.selective_scan(*(leaves[k] for k in SCAN_ARGS))
+    full = torch.autograd.grad(y_full.square().sum(), [leaves[k] for k in SCAN_ARGS])
+    y1, h1 = ops.selective_scan(*(leaves[k][:, :25] if k in ("x", "dt", "B", "C", "z") else leaves[k] for k in SCAN_ARGS))
+    rest = [leaves[k][:, 25:] if k in ("x", "dt", "B", "C", "z") else leaves[k] for k in SCAN_ARGS]
+    rest[SCAN_ARGS.index("h0")] = h1
+    y2, _ = ops.selective_scan(*rest)
+    chunked = torch.autograd.grad(torch.cat([y1, y2], 1).square().sum(), [leaves[k] for k in SCAN_ARGS])
+    for name, a, b in zip(SCAN_ARGS, chunked, full):
+        assert rel_err(a, b) < 1e-5, name
+
+
+def test_scan_length_zero_returns_initial_state():
+    needs_kernels()
+    inputs = scan_inputs(2, 0, 24, 8)
+    y, h = ops.selective_scan(*(inputs[k] for k in SCAN_ARGS))
+    assert y.shape == (2, 0, 24)
+    torch.testing.assert_close(h, inputs["h0"])
+
+
+def test_scan_non_contiguous_inputs_give_the_same_numbers():
+    needs_kernels()
+    inputs = scan_inputs(2, 37, 40, 16)
+    xz = torch.cat([inputs["x"], inputs["z"]], dim=-1)  # in_proj's output: x and z are strided halves
+    x, z = xz.chunk(2, dim=-1)
+    dt = inputs["dt"].transpose(1, 2).contiguous().transpose(1, 2)  # last dim not contiguous
+    bc = torch.cat([inputs["B"], inputs["C"]], dim=-1)
+    B, C = bc.split(16, dim=-1)
+    A = inputs["A"].t().contiguous().t()
+    h0 = inputs["h0"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not any(t.is_contiguous() for t in (x, z, dt, B, C, A, h0))
+    y, h = ops.selective_scan(x, dt, A, B, C, inputs["D"], z, h0)
+    y_ref, h_ref = ops.selective_scan(*(inputs[k] for k in SCAN_ARGS))
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- decode steps
+
+
+def step_inputs(bsz, d_inner, d_state, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "h": torch.randn(bsz, d_inner, d_state, generator=g),
+        "x": torch.randn(bsz, d_inner, generator=g).to(dtype),
+        "dt": F.softplus(torch.randn(bsz, d_inner, generator=g) - 1).to(dtype),
+        "A": -torch.exp(torch.randn(d_inner, d_state, generator=g) * 0.5),
+        "B": torch.randn(bsz, d_state, generator=g).to(dtype),
+        "C": torch.randn(bsz, d_state, generator=g).to(dtype),
+        "D": torch.randn(d_inner, generator=g),
+        "z": torch.randn(bsz, d_inner, generator=g).to(dtype),
+    }
+
+
+@pytest.mark.parametrize("bsz,d_inner,d_state", [(1, 24, 16), (3, 40, 8), (2, 4096, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_dz", [True, False], ids=["Dz", "noDz"])
+def test_state_update_matches_reference(bsz, d_inner, d_state, dtype, with_dz):
+    needs_kernels()
+    a = step_inputs(bsz, d_inner, d_state, dtype)
+    if not with_dz:
+        a["D"] = a["z"] = None
+    b = {k: None if v is None else v.clone() for k, v in a.items()}
+    y = ops.selective_state_update(**a)
+    y_ref = selective_state_update_ref(**b)
+    assert y.dtype == dtype
+    assert rel_err(a["h"], b["h"]) < 1e-6  # the state itself, updated in place
+    assert rel_err(y, y_ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_state_update_steps_equal_the_scan():
+    needs_kernels()
+    inputs = scan_inputs(2, 20, 24, 16)
+    y_scan, h_scan = ops.selective_scan(*(inputs[k] for k in SCAN_ARGS))
+    h = inputs["h0"].clone()
+    steps = []
+    for t in range(20):
+        sl = {k: inputs[k][:, t] for k in ("x", "dt", "B", "C", "z")}
+        steps.append(ops.selective_state_update(h, sl["x"], sl["dt"], inputs["A"], sl["B"], sl["C"], inputs["D"], sl["z"]))
+    torch.testing.assert_close(torch.stack(steps, 1), y_scan, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, h_scan, rtol=1e-5, atol=1e-5)
+
+
+def test_state_update_non_contiguous_state_is_updated_in_place():
+    needs_kernels()
+    a = step_inputs(2, 24, 16)
+    storage = torch.randn(2, 24, 32)
+    h = storage[:, :, :16]  # (B, D, N) view with row stride 32
+    h.copy_(a["h"])
+    a["h"] = h
+    ref_h = h.clone()
+    y = ops.selective_state_update(**a)
+    y_ref = selective_state_update_ref(ref_h, *(a[k] for k in ("x", "dt", "A", "B", "C", "D", "z")))
+    assert rel_err(storage[:, :, :16], ref_h) < 1e-6
+    assert rel_err(y, y_ref) < 1e-5
+
+
+def test_state_update_under_grad_falls_back_to_reference():
+    needs_kernels()
+    a = step_inputs(1, 24, 8)
+    a["A"].requires_grad_()
+    y = ops.selective_state_update(**a)
+    assert y.requires_grad  # the reference ran: autograd sees it
+    y.sum().backward()
+    assert a["A"].grad is not None
+
+
+@pytest.mark.parametrize("x_dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_conv_update_matches_reference(x_dtype, state_dtype, with_bias):
+    needs_kernels()
+    g = torch.Generator().manual_seed(0)
+    bsz, d_inner, d_conv = 3, 40, 4
+    x = torch.randn(bsz, d_inner, generator=g).to(x_dtype)
+    state = torch.randn(bsz, d_inner, d_conv, generator=g).to(state_dtype)
+    weight = torch.randn(d_inner, d_conv, generator=g)
+    bias = torch.randn(d_inner, generator=g) if with_bias else None
+    state_ref = state.clone()
+    y = ops.causal_conv1d_update(x, state, weight, bias)
+    y_ref = causal_conv1d_update_ref(x, state_ref, weight, bias)
+    assert y.dtype == x_dtype
+    torch.testing.assert_close(state, state_ref, rtol=0, atol=0)
+    assert rel_err(y, y_ref) < (1e-6 if x_dtype == torch.float32 else 1e-2)
+
+
+def test_conv_update_steps_equal_full_conv_and_strided_state():
+    needs_kernels()
+    g = torch.Generator().manual_seed(1)
+    bsz, length, d_inner, d_conv = 2, 9, 24, 4
+    x = torch.randn(bsz, length, d_inner, generator=g)
+    weight = torch.randn(d_inner, d_conv, generator=g)
+    bias = torch.randn(d_inner, generator=g)
+    storage = torch.zeros(bsz, d_inner, 2 * d_conv)
+    state = storage[:, :, :d_conv]  # non-contiguous, must still be updated in place
+    steps = [ops.causal_conv1d_update(x[:, t], state, weight, bias) for t in range(length)]
+    torch.testing.assert_close(torch.stack(steps, 1), causal_conv1d_ref(x, weight, bias), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(storage[:, :, :d_conv], x[:, -d_conv:].transpose(1, 2))
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def scan_call(**overrides):
+    inputs = scan_inputs(2, 5, 24, 8)
+    inputs.update(overrides)
+    return ops.selective_scan(*(inputs[k] for k in SCAN_ARGS))
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (dict(x=torch.randn(2, 5, 24, dtype=torch.float64)), ["x", "float64"]),
+        (dict(dt=torch.ones(2, 5, 24, dtype=torch.int64)), ["dt", "int64"]),
+        (dict(dt=torch.rand(2, 5, 40)), ["dt", "(2, 5, 40)", "(2, 5, 24)"]),
+        (dict(z=torch.rand(2, 6, 24)), ["z", "(2, 6, 24)", "(2, 5, 24)"]),
+        (dict(A=-torch.rand(24, 16)), ["B", "(2, 5, 8)", "(2, 5, 16)"]),
+        (dict(A=-torch.rand(40, 8)), ["A", "(40, 8)", "(24, 8)"]),
+        (dict(C=torch.rand(2, 5, 16)), ["C", "(2, 5, 16)", "(2, 5, 8)"]),
+        (dict(D=torch.rand(40)), ["D", "(40,)", "(24,)"]),
+        (dict(h0=torch.rand(2, 8, 24)), ["h0", "(2, 8, 24)", "(2, 24, 8)"]),
+        (dict(x=torch.rand(5, 24)), ["x", "(5, 24)"]),
+    ],
+)
+def test_scan_bad_inputs_raise_input_error(overrides, words):
+    with pytest.raises(InputError) as info:
+        scan_call(**overrides)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_decode_bad_inputs_raise_input_error():
+    a = step_inputs(2, 24, 8)
+    with pytest.raises(InputError, match=r"h \(the SSM state\) must be float32"):
+        ops.selective_state_update(**{**a, "h": a["h"].bfloat16()})
+    with pytest.raises(InputError, match=r"B has shape \(2, 16\), expected \(2, 8\)"):
+        ops.selective_state_update(**{**a, "B": torch.rand(2, 16)})
+    with pytest.raises(InputError, match=r"x has dtype torch.float64"):
+        ops.selective_state_update(**{**a, "x": a["x"].double()})
+    state = torch.zeros(2, 24, 4)
+    with pytest.raises(InputError, match=r"weight has shape \(24, 3\), expected \(24, 4\)"):
+        ops.causal_conv1d_update(torch.rand(2, 24), state, torch.rand(24, 3), None)
+    with pytest.raises(InputError, match=r"conv_state has dtype torch.int32"):
+        ops.causal_conv1d_update(torch.rand(2, 24), state.int(), torch.rand(24, 4), None)
+
+
+# ---------------------------------------------------------------- fallbacks and the build
+
+
+def test_other_devices_use_the_reference(monkeypatch):
+    def fail():
+        raise AssertionError("kernels requested for a non-CPU tensor")
+
+    monkeypatch.setattr(cpu, "kernels", fail)
+    inputs = {k: None if v is None else v.to("meta") for k, v in scan_inputs(2, 5, 24, 8).items()}
+    y, h = fused.selective_scan(*(inputs[k] for k in SCAN_ARGS))
+    assert y.device.type == "meta" and y.shape == (2, 5, 24) and h.shape == (2, 24, 8)
+
+
+def test_failed_build_warns_once_and_uses_the_reference(monkeypatch):
+    def broken():
+        raise cpu.KernelBuildError("no compiler (simulated)")
+
+    monkeypatch.setattr(cpu, "_state", {"tried": False, "ops": None, "error": None})
+    monkeypatch.setattr(cpu, "load_extension", broken)
+    inputs = scan_inputs(1, 6, 24, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y, h = fused.selective_scan(*(inputs[k] for k in SCAN_ARGS))
+        fused.selective_scan(*(inputs[k] for k in SCAN_ARGS))
+    assert [str(w.message) for w in caught if "fused CPU kernels unavailable" in str(w.message)] != []
+    assert len(caught) == 1
+    y_ref, h_ref = selective_scan_ref(*(inputs[k] for k in SCAN_ARGS))
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+
+
+def test_env_var_forces_the_reference():
+    code = "from jambalab import ops; assert ops.selective_scan is ops.selective_scan_ref; print('ok')"
+    env = {**os.environ, "JAMBALAB_KERNELS": "ref"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+
+def test_build_key_depends_on_the_cpu(monkeypatch):
+    sources = sorted(cpu._CSRC.glob("*.cpp"))
+    flags = cpu._compile_flags()
+    here = cpu._build_key(sources, flags)
+    monkeypatch.setattr(cpu, "_cpu_fingerprint", lambda: "flags: sse2 (some other machine)")
+    assert cpu._build_key(sources, flags) != here
