@@ -81,8 +81,7 @@ def prefill(model, input_ids: torch.Tensor, cache: HybridCache, attention_mask: 
 
     Returns the logits after the last position, (B, V) fp32. progress(n) is called after each
     chunk with the number of tokens it held (for a progress bar)."""
-    if chunk_size is not None and chunk_size <= 0:
-        raise InputError(f"chunk_size must be a positive integer, got {chunk_size}")
+    _check_chunk_size(chunk_size)
     length = input_ids.shape[1]
     step = length if chunk_size is None else chunk_size
     logits = None
@@ -147,6 +146,7 @@ def stream_generate(model, input_ids: torch.Tensor, max_new_tokens: int, do_samp
     params.validate()
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+    _check_chunk_size(chunk_size)
     stopper = _make_stopper(model, input_ids.shape[0], eos_token_id, stop_strings, tokenizer)
     pad = _pad_id(model, stopper.eos)
     gen = None if seed is None else torch.Generator(device=input_ids.device).manual_seed(seed)
@@ -210,6 +210,11 @@ def _check_prompt(model, input_ids, attention_mask) -> tuple[torch.Tensor, torch
     if attention_mask is not None:
         attention_mask = _check_left_padding(attention_mask, input_ids)
     return input_ids.long(), attention_mask
+
+
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise InputError(f"chunk_size must be a positive integer, got {chunk_size}")
 
 
 def _check_left_padding(mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor | None:
