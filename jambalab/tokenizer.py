@@ -23,7 +23,7 @@ class Tokenizer(Protocol):
     eos_token_id: int | None
     vocab_size: int
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -41,8 +41,8 @@ class ByteTokenizer:
     def __init__(self, eos_token_id: int | None = None):
         self.eos_token_id = eos_token_id
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("utf-8"))  # bytes have no special tokens to add
 
     def decode(self, ids: list[int]) -> str:
         # Invalid UTF-8 (a cut multi-byte character, random ids) becomes U+FFFD rather than an error.
