@@ -100,6 +100,8 @@ class MoE(nn.Module):
         return out.view(shape), router_logits
 
     def dispatch(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        if h.shape[0] == 1:
+            return self._one_token(h, weights, experts)
         flat = experts.reshape(-1)  # (T*K,)
         order = torch.argsort(flat, stable=True)  # token-slots grouped by expert, ascending
         token = order // self.top_k  # (T*K,) source token of each sorted slot
@@ -112,6 +114,19 @@ class MoE(nn.Module):
                 outs.append(F.linear(F.silu(F.linear(xs, gates[e])) * F.linear(xs, ups[e]), downs[e]))
         y = torch.cat(outs) * weights.reshape(-1)[order, None]  # (T*K, d)
         return torch.zeros_like(h).index_add_(0, token, y.to(h.dtype))
+
+    def _one_token(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Batch-1 decode: run the token's K experts directly (a third of dispatch's ops, no sort or scatter).
+
+        Summed in ascending expert order, as dispatch's index_add_ over sorted slots: bitwise the same.
+        """
+        ids = experts[0].tolist()
+        out = None
+        for k in sorted(range(len(ids)), key=ids.__getitem__):
+            e = ids[k]
+            y = F.linear(F.silu(F.linear(h, self.w_gate[e])) * F.linear(h, self.w_up[e]), self.w_down[e]) * weights[0, k]
+            out = y if out is None else out + y
+        return out.to(h.dtype)
 
 
 def router_aux_loss(router_logits: list[torch.Tensor], top_k: int, mask: torch.Tensor | None) -> torch.Tensor:
