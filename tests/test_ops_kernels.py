@@ -193,6 +193,21 @@ def test_scan_gradients_flow_through_carried_state():
         assert rel_err(a, b) < 1e-5, name
 
 
+def test_scan_extreme_decays_and_nans_behave_like_the_reference():
+    needs_kernels()
+    inputs = scan_inputs(1, 30, 24, 16)
+    inputs["dt"][0, 3] = 60.0  # exp(dt A) underflows to 0: the state restarts
+    inputs["A"][5] = 0.3  # a growing (positive) channel stays exact while it fits in fp32
+    inputs["A"][6] = 0.0
+    y, h = ops.selective_scan(*(inputs[k] for k in SCAN_ARGS))
+    y_ref, h_ref = selective_scan_ref(*(inputs[k] for k in SCAN_ARGS))
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5
+    inputs["x"][0, 10, 7] = float("nan")
+    y, h = ops.selective_scan(*(inputs[k] for k in SCAN_ARGS))
+    y_ref, h_ref = selective_scan_ref(*(inputs[k] for k in SCAN_ARGS))
+    assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(h.isnan(), h_ref.isnan())
+
+
 def test_scan_length_zero_returns_initial_state():
     needs_kernels()
     inputs = scan_inputs(2, 0, 24, 8)
