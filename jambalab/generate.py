@@ -152,6 +152,10 @@ def stream_generate(model, input_ids: torch.Tensor, max_new_tokens: int, do_samp
     gen = None if seed is None else torch.Generator(device=input_ids.device).manual_seed(seed)
     if cache is None:
         cache = model.allocate_cache(input_ids.shape[0], max_length=input_ids.shape[1] + max_new_tokens)
+    elif attention_mask is not None and cache.length > 0:
+        # Padding after real positions would still decay the SSM state (dt > 0 on zeros): not exact.
+        raise InputError("padding is only allowed at the start of a sequence; this cache already holds "
+                         f"{cache.length} positions (continue each row with its own cache.select([row]))")
     return _stream(model, input_ids, attention_mask, cache, chunk_size, progress, params, gen, stopper, pad,
                    max_new_tokens)
 

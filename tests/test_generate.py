@@ -206,6 +206,14 @@ def test_cache_of_another_model_or_batch_size_is_an_input_error(models):
         generate(model, _ids(1, 3), 2, cache=model.allocate_cache(2))
 
 
+def test_padding_after_a_cached_prefix_is_refused(models):
+    model = models["tiny-hybrid"]
+    cache = model.allocate_cache(2)
+    prefill(model, _ids(2, 4), cache)
+    with pytest.raises(InputError, match="start of a sequence"):
+        generate(model, _ids(2, 3), 2, attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]), cache=cache)
+
+
 # ---- transformers parity ------------------------------------------------------------------------
 HF_SHAPES = {
     "jamba": dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
