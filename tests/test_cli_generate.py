@@ -1,6 +1,7 @@
 """`jambalab generate`: streamed output, stats, long prompt files, chat, and one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,22 @@ def test_console_entry_exits_nonzero_with_one_line():
     r = subprocess.run([sys.executable, "-m", "jambalab", "generate", "--preset", "tiny-mamba", "--prompt", "x",
                         "--top-p", "0"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "top-p" in r.stderr
+
+
+def _peak_mib(prompt_file, tmp_path) -> float:
+    r = subprocess.run([sys.executable, "-m", "jambalab", "generate", "--preset", "tiny-mamba", "--prompt-file",
+                        str(prompt_file), "--chunk-size", "8192", "--max-new-tokens", "2", "--stats"],
+                       capture_output=True, text=True, cwd=Path(__file__).parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-500:]
+    line = next(l for l in r.stderr.splitlines() if l.startswith("peak memory:"))
+    return float(line.split()[2])
+
+
+@pytest.mark.slow
+def test_million_token_prompt_file_runs_in_bounded_memory(tmp_path):
+    text = "a hybrid reads a long book, one chunk at a time.\n"
+    small, big = tmp_path / "small.txt", tmp_path / "big.txt"
+    small.write_text((text * (100_000 // len(text) + 1))[:100_000])
+    big.write_text((text * (1_000_000 // len(text) + 1))[:1_000_000])  # 1M byte tokens
+    # Beyond the prompt's own ids (8 MB per million), memory does not grow with the length.
+    assert _peak_mib(big, tmp_path) - _peak_mib(small, tmp_path) < 64
