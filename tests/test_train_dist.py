@@ -1,0 +1,86 @@
+"""torchrun: 2 processes on CPU (gloo) take the same steps as 1 process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jambalab.config import JambaConfig
+from jambalab.train import DataSpec, TrainArgs, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+TRAIN = ["--preset", "tiny-hybrid", "--set", "vocab_size=256", "--seq-len", "32", "--val-every", "2",
+         "--val-batches", "2", "--ckpt-every", "2", "--warmup", "2", "--max-steps", str(STEPS)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's workers (OMP_NUM_THREADS=1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "a.py").write_text("".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(200)))
+    return d
+
+
+def _one_process(out: Path, corpus: Path, max_steps: int = STEPS, resume: bool = False) -> None:
+    """Batch 2 with 2 accumulation steps: the same global batch, split the same way, as 2 ranks x batch 2."""
+    cfg = JambaConfig.from_preset("tiny-hybrid", vocab_size=256)
+    args = TrainArgs(max_steps=max_steps, seq_len=32, batch_size=2, grad_accum=2, warmup_steps=2, val_every=2,
+                     val_batches=2, ckpt_every=2)
+    Trainer(None if resume else cfg, args, DataSpec(source=str(corpus)), out, resume=resume, log=lambda m: None).run()
+
+
+def _torchrun(out: Path, corpus: Path, *extra: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "jambalab", "train", *TRAIN, "--batch-size", "2", "--data", str(corpus), "--out", str(out), *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _rows(out: Path) -> tuple[list, list]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    return train, val
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    (ta, va), (tb, vb) = _rows(a), _rows(b)
+    assert [s for s, *_ in ta] == [s for s, *_ in tb] == list(range(1, STEPS + 1))
+    torch.testing.assert_close(torch.tensor([x[1:] for x in tb]), torch.tensor([x[1:] for x in ta]),
+                               rtol=1e-5, atol=1e-5)
+    assert [s for s, _ in va] == [s for s, _ in vb]
+    torch.testing.assert_close(torch.tensor([v for _, v in vb]), torch.tensor([v for _, v in va]),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus) -> Path:
+    out = tmp_path_factory.mktemp("one") / "run"
+    _one_process(out, corpus)
+    return out
+
+
+def test_ddp_two_processes_equal_one(tmp_path, corpus, reference):
+    _torchrun(tmp_path / "ddp", corpus)
+    _assert_same_run(reference, tmp_path / "ddp")
+
+
+def test_fsdp_two_processes_equal_one_and_resume_in_one_process(tmp_path, corpus, reference):
+    _torchrun(tmp_path / "fsdp", corpus, "--parallel", "fsdp", "--max-steps", "2")
+    # the FSDP checkpoint (full state dicts, rank 0) continues in a single process
+    _one_process(tmp_path / "fsdp", corpus, resume=True)
+    _assert_same_run(reference, tmp_path / "fsdp")
