@@ -184,8 +184,9 @@ def test_scan_gradients_flow_through_carried_state():
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     y_full, _ = ops.selective_scan(*(leaves[k] for k in SCAN_ARGS))
     full = torch.autograd.grad(y_full.square().sum(), [leaves[k] for k in SCAN_ARGS])
-    y1, h1 = ops.selective_scan(*(leaves[k][:, :25] if k in ("x", "dt", "B", "C", "z") else leaves[k] for k in SCAN_ARGS))
-    rest = [leaves[k][:, 25:] if k in ("x", "dt", "B", "C", "z") else leaves[k] for k in SCAN_ARGS]
+    timed = ("x", "dt", "B", "C", "z")
+    y1, h1 = ops.selective_scan(*(leaves[k][:, :25] if k in timed else leaves[k] for k in SCAN_ARGS))
+    rest = [leaves[k][:, 25:] if k in timed else leaves[k] for k in SCAN_ARGS]
     rest[SCAN_ARGS.index("h0")] = h1
     y2, _ = ops.selective_scan(*rest)
     chunked = torch.autograd.grad(torch.cat([y1, y2], 1).square().sum(), [leaves[k] for k in SCAN_ARGS])
@@ -274,7 +275,8 @@ def test_state_update_steps_equal_the_scan():
     steps = []
     for t in range(20):
         sl = {k: inputs[k][:, t] for k in ("x", "dt", "B", "C", "z")}
-        steps.append(ops.selective_state_update(h, sl["x"], sl["dt"], inputs["A"], sl["B"], sl["C"], inputs["D"], sl["z"]))
+        y = ops.selective_state_update(h, sl["x"], sl["dt"], inputs["A"], sl["B"], sl["C"], inputs["D"], sl["z"])
+        steps.append(y)
     torch.testing.assert_close(torch.stack(steps, 1), y_scan, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h, h_scan, rtol=1e-5, atol=1e-5)
 
@@ -303,7 +305,10 @@ def test_state_update_under_grad_falls_back_to_reference():
     assert a["A"].grad is not None
 
 
-@pytest.mark.parametrize("x_dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    "x_dtype,state_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
+)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_conv_update_matches_reference(x_dtype, state_dtype, with_bias):
     needs_kernels()

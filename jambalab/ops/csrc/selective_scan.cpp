@@ -14,8 +14,11 @@
 //   time; the state is kept as [N][V] vectors over its channels, so the
 //   recurrence, the exp and the y = h . C contraction are all vertical SIMD
 //   ops (no horizontal sums in the forward).
-// - exp is the ceiling (one per state update), so it is a branch-free
-//   polynomial exp2 on GCC vector types, ~1e-7 relative error.
+// - exp is the ceiling (one per state update), so it is a branch-free exp2 on
+//   GCC vector types (8-entry table + cubic, ~1.6e-7 relative error), and its
+//   overflow guard is hoisted out of the inner loop (DtRange).
+// - The state-update loops are bound by the multiply/FMA pipes: every op
+//   counts, and helpers are forced inline.
 // - The backward walks chunks of T steps in reverse: it recomputes the chunk's
 //   states from checkpoints the forward saved every T steps, keeps them (and
 //   exp(dt*A)) in a small per-task buffer, then runs the adjoint recurrence.
@@ -371,8 +374,12 @@ void fwd_block(const FwdArgs<T>& p, int64_t b, int64_t d0) {
   gather_dn(p.h0 ? p.h0 + b * DN : nullptr, d0, nc, N, 1.0f, h);
   load_param(p.Dskip, d0, nc, Dv);
   const DtRange range(A2, N);
-  for (int64_t t = 0; t < p.L; ++t) {
-    if (p.ckpt && t % p.chunk == 0) scatter_dn(p.ckpt + (b * p.nck + t / p.chunk) * DN, d0, nc, N, h);
+  float* ckpt = p.ckpt ? p.ckpt + b * p.nck * DN : nullptr;
+  for (int64_t t = 0, until_ckpt = 0; t < p.L; ++t, --until_ckpt) {
+    if (ckpt && until_ckpt == 0) {  // the state before chunk t / T (a counter: no division per step)
+      scatter_dn(ckpt, d0, nc, N, h);
+      ckpt += DN, until_ckpt = p.chunk;
+    }
     vf dt[V], dte[V], x[V], dtx[V], y[V];
     load_block(p.dt.at(b, t) + d0, nc, dt);
     load_block(p.x.at(b, t) + d0, nc, x);
@@ -577,6 +584,12 @@ void check_f32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), name, ": expected contiguous float32");
 }
 
+// The Python wrapper (fused.py) already raised InputError for bad shapes; these
+// guards keep a direct torch.ops call from reading out of bounds.
+void check_sizes(const at::Tensor& t, const char* name, c10::IntArrayRef sizes) {
+  TORCH_CHECK(t.sizes() == sizes, name, ": expected sizes ", sizes, ", got ", t.sizes());
+}
+
 void check_common(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
                   const at::Tensor& C, const std::optional<at::Tensor>& D,
                   const std::optional<at::Tensor>& z, int64_t chunk) {
@@ -586,7 +599,14 @@ void check_common(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A
   if (z) check_rows(*z, "z", st);
   check_f32(A, "A");
   if (D) check_f32(*D, "D");
-  TORCH_CHECK(A.size(1) <= kMaxN, "d_state ", A.size(1), " exceeds ", kMaxN);
+  TORCH_CHECK(A.dim() == 2 && A.size(1) <= kMaxN, "A: expected (D, N) with N <= ", kMaxN);
+  const int64_t Bsz = x.size(0), L = x.size(1), Dn = x.size(2), N = A.size(1);
+  check_sizes(dt, "dt", x.sizes());
+  if (z) check_sizes(*z, "z", x.sizes());
+  check_sizes(A, "A", {Dn, N});
+  check_sizes(B, "B", {Bsz, L, N});
+  check_sizes(C, "C", {Bsz, L, N});
+  if (D) check_sizes(*D, "D", {Dn});
   TORCH_CHECK(chunk >= 1, "chunk_size must be >= 1");
 }
 
@@ -595,8 +615,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(
     const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
     const std::optional<at::Tensor>& h0, int64_t chunk, bool save_ckpt) {
   check_common(x, dt, A, B, C, D, z, chunk);
-  if (h0) check_f32(*h0, "h0");
   const int64_t Bsz = x.size(0), L = x.size(1), Dn = x.size(2), N = A.size(1);
+  if (h0) check_f32(*h0, "h0"), check_sizes(*h0, "h0", {Bsz, Dn, N});
   const int64_t nck = (L + chunk - 1) / chunk;
   auto y = at::empty({Bsz, L, Dn}, x.options());
   auto h_last = at::empty({Bsz, Dn, N}, A.options());
@@ -621,8 +641,8 @@ scan_bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const a
   const int64_t nck = (L + chunk - 1) / chunk;
   check_f32(ckpt, "ckpt");
   TORCH_CHECK(ckpt.numel() == Bsz * nck * Dn * N, "ckpt: wrong size for chunk_size ", chunk);
-  if (dy) check_rows(*dy, "dy", x.scalar_type());
-  if (dh_last) check_f32(*dh_last, "dh_last");
+  if (dy) check_rows(*dy, "dy", x.scalar_type()), check_sizes(*dy, "dy", x.sizes());
+  if (dh_last) check_f32(*dh_last, "dh_last"), check_sizes(*dh_last, "dh_last", {Bsz, Dn, N});
   const int64_t nb = num_blocks(Dn), tasks = Bsz * nb;
   const int threads = plan_threads(tasks);
   auto dx = at::empty({Bsz, L, Dn}, x.options());
@@ -698,7 +718,15 @@ at::Tensor state_update(at::Tensor& h, const at::Tensor& x, const at::Tensor& dt
   for (auto [t, name] : ins)
     TORCH_CHECK(t->scalar_type() == st && t->is_contiguous(), name, ": expected contiguous ", st);
   if (z) TORCH_CHECK(z->scalar_type() == st && z->is_contiguous(), "z: expected contiguous ", st);
+  TORCH_CHECK(h.dim() == 3, "h: expected (B, D, N)");
   const int64_t Bsz = h.size(0), Dn = h.size(1), N = h.size(2);
+  check_sizes(x, "x", {Bsz, Dn});
+  check_sizes(dt, "dt", {Bsz, Dn});
+  check_sizes(B, "B", {Bsz, N});
+  check_sizes(C, "C", {Bsz, N});
+  if (z) check_sizes(*z, "z", {Bsz, Dn});
+  check_sizes(A, "A", {Dn, N});
+  if (D) check_sizes(*D, "D", {Dn});
   auto y = at::empty({Bsz, Dn}, x.options());
   dispatch_float_bf16(st, "state_update", [&](auto tag) {
     using T = decltype(tag);
@@ -733,15 +761,19 @@ at::Tensor conv_update(const at::Tensor& x, at::Tensor& conv_state, const at::Te
   check_f32(weight, "weight");
   if (bias) check_f32(*bias, "bias");
   TORCH_CHECK(x.is_contiguous() && conv_state.is_contiguous(), "conv_update: expected contiguous x, conv_state");
+  TORCH_CHECK(conv_state.dim() == 3, "conv_state: expected (B, D, K)");
   const int64_t Bsz = conv_state.size(0), Dn = conv_state.size(1), K = conv_state.size(2);
+  check_sizes(x, "x", {Bsz, Dn});
+  check_sizes(weight, "weight", {Dn, K});
+  if (bias) check_sizes(*bias, "bias", {Dn});
   auto out = at::empty({Bsz, Dn}, x.options());
   dispatch_float_bf16(x.scalar_type(), "conv_update", [&](auto xtag) {
     dispatch_float_bf16(conv_state.scalar_type(), "conv_update", [&](auto stag) {
       using X = decltype(xtag);
       using S = decltype(stag);
       run_rows(Bsz * Dn, K, [&](int64_t lo, int64_t hi) {
-        conv_update_rows<X, S>(lo, hi, x.data_ptr<X>(), conv_state.data_ptr<S>(), weight.data_ptr<float>(),
-                               opt_ptr(bias), out.data_ptr<X>(), Dn, K);
+        conv_update_rows<X, S>(lo, hi, x.data_ptr<X>(), conv_state.data_ptr<S>(),
+                               weight.data_ptr<float>(), opt_ptr(bias), out.data_ptr<X>(), Dn, K);
       });
     });
   });
