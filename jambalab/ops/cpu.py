@@ -53,7 +53,7 @@ def kernels() -> Any | None:
                 f"jambalab: fused CPU kernels unavailable, using the slow pure-PyTorch reference ({err}). "
                 "Set JAMBALAB_KERNELS=ref to choose it explicitly.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,  # kernels() <- fused helper <- fused op <- the caller
             )
     return _state["ops"]
 
@@ -75,7 +75,7 @@ def load_extension() -> Any:
     try:
         _load_or_build(name, sources, flags, build_dir)
     except Exception as err:  # compiler, ninja, linker or dlopen failure: all mean "use the reference"
-        raise KernelBuildError(f"{type(err).__name__}: {_first_line(err)}") from err
+        raise KernelBuildError(f"{type(err).__name__}: {_reason(err)}") from err
     return getattr(torch.ops, _LIB)
 
 
@@ -146,6 +146,11 @@ def _put_pip_ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else "no message"
+def _reason(err: Exception) -> str:
+    """The telling line of a build failure, not ninja's echo of the compile command."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    noise = ("[", "FAILED", "ninja:", "Error building extension")
+    useful = [ln for ln in lines if not ln.startswith(noise) and " -c " not in ln]
+    errors = [ln for ln in useful if "error" in ln.lower() or "not found" in ln.lower()]
+    text = (errors or useful or lines or ["no message"])[0]
+    return text if len(text) <= 300 else text[:297] + "..."
