@@ -42,6 +42,7 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -218,10 +219,34 @@ ALWAYS_INLINE T from_f32(float v) { return static_cast<T>(v); }  // BFloat16: ro
 
 // ------------------------------------------------ channel-block loads/stores
 
+// bfloat16 <-> float for whole vectors (GCC left c10's per-element conversions,
+// with their NaN branch, as scalar code: bf16 steps ran at half speed).
+typedef uint16_t vh __attribute__((vector_size(kVecBytes / 2)));  // W bfloat16 bit patterns
+typedef uint32_t vu __attribute__((vector_size(kVecBytes)));
+
+ALWAYS_INLINE vf bf16_to_vf(vh h) { return (vf)(__builtin_convertvector(h, vu) << 16); }
+
+ALWAYS_INLINE vh vf_to_bf16(vf f) {  // round to nearest even, like c10::BFloat16; NaN -> 0x7FC0
+  const vu u = (vu)f;
+  const vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const vu nan = vu{} + 0x7FC0u;
+  return __builtin_convertvector((f != f) ? nan : rounded, vh);
+}
+
 // A block is CB consecutive channels d0..d0+nc; lanes past nc read as 0 and are
 // never written, so a zero lane keeps exp(0 * A) = 1 and a zero state: no NaNs.
 template <typename T>
 ALWAYS_INLINE void load_block(const T* p, int nc, vf out[V]) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (nc == CB) {
+      for (int v = 0; v < V; ++v) {
+        vh h;
+        std::memcpy(&h, p + v * W, sizeof h);
+        out[v] = bf16_to_vf(h);
+      }
+      return;
+    }
+  }
   alignas(kVecBytes) float tmp[CB];
   if (nc == CB) {
     for (int c = 0; c < CB; ++c) tmp[c] = f32(p[c]);
@@ -237,6 +262,15 @@ ALWAYS_INLINE void zero_block(vf out[V]) {
 
 template <typename T>
 ALWAYS_INLINE void store_block(T* p, int nc, const vf in[V]) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (nc == CB) {
+      for (int v = 0; v < V; ++v) {
+        const vh h = vf_to_bf16(in[v]);
+        std::memcpy(p + v * W, &h, sizeof h);
+      }
+      return;
+    }
+  }
   alignas(kVecBytes) float tmp[CB];
   std::memcpy(tmp, in, sizeof tmp);
   if (nc == CB) {
