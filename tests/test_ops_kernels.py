@@ -361,7 +361,9 @@ def scan_call(**overrides):
         (dict(C=torch.rand(2, 5, 16)), ["C", "(2, 5, 16)", "(2, 5, 8)"]),
         (dict(D=torch.rand(40)), ["D", "(40,)", "(24,)"]),
         (dict(h0=torch.rand(2, 8, 24)), ["h0", "(2, 8, 24)", "(2, 24, 8)"]),
-        (dict(x=torch.rand(5, 24)), ["x", "(5, 24)"]),
+        (dict(x=torch.rand(5, 24)), ["x", "(5, 24)", "batch, length, d_inner"]),
+        (dict(B=None), ["B is required"]),
+        (dict(C=[[1.0]]), ["C must be a torch.Tensor", "list"]),
     ],
 )
 def test_scan_bad_inputs_raise_input_error(overrides, words):

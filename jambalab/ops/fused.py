@@ -17,7 +17,7 @@ when all tensors are on the CPU and the kernels built; otherwise the reference.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -36,34 +36,44 @@ _MAX_D_STATE = 64  # kMaxN in the C++ (state kept on the stack); larger runs the
 # ---------------------------------------------------------------- checks
 
 
-def _check_float(op: str, name: str, t: Tensor | None) -> None:
-    if t is None:
-        return
-    if not isinstance(t, Tensor):
-        raise InputError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
-        raise InputError(f"{op}: {name} has dtype {t.dtype}; expected float32, bfloat16 or float16")
+def _check_floats(op: str, required: dict[str, Tensor], optional: dict[str, Tensor | None]) -> None:
+    for name, t in (*required.items(), *optional.items()):
+        if t is None:
+            if name in required:
+                raise InputError(f"{op}: {name} is required, got None")
+            continue
+        if not isinstance(t, Tensor):
+            raise InputError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise InputError(f"{op}: {name} has dtype {t.dtype}; expected float32, bfloat16 or float16")
 
 
-def _check_shape(op: str, name: str, t: Tensor | None, expected: Sequence[int], basis: str) -> None:
-    if t is not None and tuple(t.shape) != tuple(expected):
-        raise InputError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(expected)} ({basis})")
+def _check_dim(op: str, name: str, t: Tensor, layout: str) -> None:
+    if t.dim() != layout.count(",") + 1:
+        raise InputError(f"{op}: {name} must be ({layout}), got shape {tuple(t.shape)}")
+
+
+def _check_shape(op: str, name: str, t: Tensor | None, expected: tuple[int, ...], basis: Callable[[], str]) -> None:
+    # torch.Size compares equal to a tuple; the message (basis says where `expected`
+    # comes from) is only formatted on failure: decode steps call this a lot.
+    if t is not None and t.shape != expected:
+        raise InputError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(expected)} ({basis()})")
 
 
 def _check_scan(x, dt, A, B, C, D, z, h0, chunk_size) -> None:
     op = "selective_scan"
-    for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("h0", h0)):
-        _check_float(op, name, t)
-    if x.dim() != 3:
-        raise InputError(f"{op}: x must be (batch, length, d_inner), got shape {tuple(x.shape)}")
-    if A.dim() != 2:
-        raise InputError(f"{op}: A must be (d_inner, d_state), got shape {tuple(A.shape)}")
+    _check_floats(op, dict(x=x, dt=dt, A=A, B=B, C=C), dict(D=D, z=z, h0=h0))
+    _check_dim(op, "x", x, "batch, length, d_inner")
+    _check_dim(op, "A", A, "d_inner, d_state")
     bsz, length, d_inner = x.shape
     d_state = A.shape[1]
-    basis = f"from x {tuple(x.shape)} and A {tuple(A.shape)}"
-    _check_shape(op, "A", A, (d_inner, d_state), f"d_inner from x {tuple(x.shape)}")
+
+    def basis() -> str:
+        return f"from x {tuple(x.shape)} and A {tuple(A.shape)}"
+
+    _check_shape(op, "A", A, (d_inner, d_state), lambda: f"d_inner from x {tuple(x.shape)}")
     for name, t in (("dt", dt), ("z", z)):
-        _check_shape(op, name, t, x.shape, f"same as x {tuple(x.shape)}")
+        _check_shape(op, name, t, x.shape, lambda: f"same as x {tuple(x.shape)}")
     for name, t in (("B", B), ("C", C)):
         _check_shape(op, name, t, (bsz, length, d_state), basis)
     _check_shape(op, "D", D, (d_inner,), basis)
@@ -74,14 +84,15 @@ def _check_scan(x, dt, A, B, C, D, z, h0, chunk_size) -> None:
 
 def _check_state_update(h, x, dt, A, B, C, D, z) -> None:
     op = "selective_state_update"
-    for name, t in (("h", h), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z)):
-        _check_float(op, name, t)
-    if h.dim() != 3:
-        raise InputError(f"{op}: h must be (batch, d_inner, d_state), got shape {tuple(h.shape)}")
+    _check_floats(op, dict(h=h, x=x, dt=dt, A=A, B=B, C=C), dict(D=D, z=z))
+    _check_dim(op, "h", h, "batch, d_inner, d_state")
     if h.dtype != torch.float32:
         raise InputError(f"{op}: h (the SSM state) must be float32, got {h.dtype}")
     bsz, d_inner, d_state = h.shape
-    basis = f"from h {tuple(h.shape)}"
+
+    def basis() -> str:
+        return f"from h {tuple(h.shape)}"
+
     for name, t in (("x", x), ("dt", dt), ("z", z)):
         _check_shape(op, name, t, (bsz, d_inner), basis)
     _check_shape(op, "A", A, (d_inner, d_state), basis)
@@ -92,12 +103,13 @@ def _check_state_update(h, x, dt, A, B, C, D, z) -> None:
 
 def _check_conv_update(x, conv_state, weight, bias) -> None:
     op = "causal_conv1d_update"
-    for name, t in (("x", x), ("conv_state", conv_state), ("weight", weight), ("bias", bias)):
-        _check_float(op, name, t)
-    if conv_state.dim() != 3:
-        raise InputError(f"{op}: conv_state must be (batch, d_inner, d_conv), got shape {tuple(conv_state.shape)}")
+    _check_floats(op, dict(x=x, conv_state=conv_state, weight=weight), dict(bias=bias))
+    _check_dim(op, "conv_state", conv_state, "batch, d_inner, d_conv")
     bsz, d_inner, d_conv = conv_state.shape
-    basis = f"from conv_state {tuple(conv_state.shape)}"
+
+    def basis() -> str:
+        return f"from conv_state {tuple(conv_state.shape)}"
+
     _check_shape(op, "x", x, (bsz, d_inner), basis)
     _check_shape(op, "weight", weight, (d_inner, d_conv), basis)
     _check_shape(op, "bias", bias, (d_inner,), basis)
@@ -112,13 +124,13 @@ def _present(*ts: Tensor | None) -> list[Tensor]:
 
 def _kernels_for(*ts: Tensor | None):
     """The compiled ops if every tensor is on the CPU and they built, else None."""
-    if any(t.device.type != "cpu" for t in _present(*ts)):
+    if not all(t.is_cpu for t in ts if t is not None):
         return None
     return cpu.kernels()
 
 
 def _needs_grad(*ts: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in _present(*ts))
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts if t is not None)
 
 
 def _compute_dtype(*ts: Tensor | None) -> torch.dtype:
@@ -129,21 +141,31 @@ def _compute_dtype(*ts: Tensor | None) -> torch.dtype:
     return torch.float32
 
 
+# The converters return their argument untouched when it already fits: each
+# .to()/.contiguous() is a dispatcher call (~1 us), and a decode step makes dozens.
+
+
 def _rows(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     # The kernels take strided rows but need a contiguous last dim: the x and z
     # halves of in_proj's output pass without a copy.
-    if t is None:
-        return None
+    if t is None or (t.dtype == dtype and t.stride(-1) == 1):
+        return t
     t = t.to(dtype)
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _f32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.float().contiguous()
-
-
 def _dense(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype).contiguous()
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.to(dtype).contiguous()
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    return _dense(t, torch.float32)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 # ---------------------------------------------------------------- selective scan
@@ -205,7 +227,7 @@ def selective_scan(
         y, h_last = _SelectiveScanFn.apply(*args, chunk_size)
     else:
         y, h_last, _ = ops.scan_fwd(*args, chunk_size, False)
-    return y.to(x.dtype), h_last
+    return _as(y, x.dtype), h_last
 
 
 # ---------------------------------------------------------------- decode steps
@@ -233,7 +255,7 @@ def selective_state_update(
     )
     if state is not h:
         h.copy_(state)
-    return y.to(x.dtype)
+    return _as(y, x.dtype)
 
 
 def causal_conv1d_update(
@@ -252,4 +274,4 @@ def causal_conv1d_update(
     y = ops.conv_update(_dense(x, act), state, _f32(weight), _f32(bias))
     if state is not conv_state:
         conv_state.copy_(state)
-    return y.to(x.dtype)
+    return _as(y, x.dtype)

@@ -150,7 +150,7 @@ ALWAYS_INLINE vf exp2v(vf u) { return exp2_core(vmin(splat(127.0f), vmax(splat(-
 // dt was clamped per step so that u <= 127 (see DtRange), which saves ~9%.
 ALWAYS_INLINE vf exp2_decay(vf u) { return exp2_core(vmax(splat(-126.0f), u)); }
 
-// Scalar twin of exp2v (same table and polynomial), for the decode step's `omp simd` loop.
+// Scalar twin of exp2v (same table and polynomial), for the decode step's tail.
 ALWAYS_INLINE float exp2s(float u) {
   u = std::min(std::max(u, -126.0f), 127.0f);
   const float t = u + kRound8;
@@ -709,35 +709,74 @@ void run_rows(int64_t n, int64_t work_per_row, const F& body) {
   run_tasks(threads, threads, [&](int64_t i, int) { body(n * i / threads, n * (i + 1) / threads); });
 }
 
+// Decode-step epilogues, vectorised over channels: a scalar std::exp per channel
+// cost more than the conv itself. out[i] = v[i] * silu(g[i]); silu(v[i]) when g is null.
+template <typename G>
+ALWAYS_INLINE vf load_w(const G* p) {
+  alignas(kVecBytes) float tmp[W];
+  for (int i = 0; i < W; ++i) tmp[i] = f32(p[i]);
+  vf out;
+  std::memcpy(&out, tmp, sizeof out);
+  return out;
+}
+
+template <typename T, typename G>
+void silu_gate(const float* v, const G* g, T* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    vf vv, gv;
+    std::memcpy(&vv, v + i, sizeof vv);
+    gv = g ? load_w(g + i) : vv;
+    const vf r = (g ? vv : splat(1.0f)) * gv * sigmoidv(gv);
+    alignas(kVecBytes) float tmp[W];
+    std::memcpy(tmp, &r, sizeof r);
+    for (int k = 0; k < W; ++k) out[i + k] = from_f32<T>(tmp[k]);
+  }
+  for (; i < n; ++i) {
+    const float gi = g ? f32(g[i]) : v[i];
+    out[i] = from_f32<T>((g ? v[i] : 1.0f) * gi / (1.0f + std::exp(-gi)));
+  }
+}
+
+// One token for rows [lo, hi) of the flattened (B, D): the state (B, D, N) has N
+// contiguous per channel, so this vectorises over N (W at a time, a scalar tail)
+// and sums h . C horizontally once per channel.
 template <typename T>
 void state_update_rows(int64_t lo, int64_t hi, float* h, const T* x, const T* dt, const float* A,
                        const T* Bm, const T* Cm, const float* Dskip, const T* z, T* y, int64_t D,
                        int64_t N) {
-  std::vector<float> bf(N), cf(N);
-  int64_t cur_b = -1;
-  for (int64_t row = lo; row < hi; ++row) {
-    const int64_t b = row / D, d = row % D;
-    if (b != cur_b) {  // B_b, C_b in fp32 once per batch row
+  std::vector<float> bf(N), cf(N), pre(hi - lo);  // pre: y before the gate
+  // (b, d) walked along with row: a 64-bit division per row cost as much as the row.
+  for (int64_t row = lo, b = lo / D, d = lo % D; row < hi; ++row, d = d + 1 == D ? (++b, 0) : d + 1) {
+    if (row == lo || d == 0) {  // B_b, C_b in fp32 once per batch row
       for (int64_t n = 0; n < N; ++n) bf[n] = f32(Bm[b * N + n]), cf[n] = f32(Cm[b * N + n]);
-      cur_b = b;
     }
-    const float dtv = f32(dt[row]), xv = f32(x[row]), dtx = dtv * xv;
+    const float dtv = f32(dt[row]), xv = f32(x[row]), dtx = dtv * xv, ul = dtv * kLog2e;
     float* hd = h + row * N;
     const float* Ad = A + d * N;
-    const float *bp = bf.data(), *cp = cf.data();
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t n = 0; n < N; ++n) {
-      const float hn = exp2s(dtv * Ad[n] * kLog2e) * hd[n] + dtx * bp[n];
-      hd[n] = hn;
-      acc += hn * cp[n];
+    vf acc{};
+    int64_t n = 0;
+    for (; n + W <= N; n += W) {
+      vf hv, av, bv, cv;
+      std::memcpy(&hv, hd + n, sizeof hv);
+      std::memcpy(&av, Ad + n, sizeof av);
+      std::memcpy(&bv, bf.data() + n, sizeof bv);
+      std::memcpy(&cv, cf.data() + n, sizeof cv);
+      hv = exp2v(av * ul) * hv + dtx * bv;
+      std::memcpy(hd + n, &hv, sizeof hv);
+      acc += hv * cv;
     }
-    if (Dskip) acc += Dskip[d] * xv;
-    if (z) {
-      const float zv = f32(z[row]);
-      acc *= zv / (1.0f + std::exp(-zv));
+    float out = hsum(acc);
+    for (; n < N; ++n) {
+      hd[n] = exp2s(Ad[n] * ul) * hd[n] + dtx * bf[n];
+      out += hd[n] * cf[n];
     }
-    y[row] = from_f32<T>(acc);
+    pre[row - lo] = Dskip ? out + Dskip[d] * xv : out;
+  }
+  if (z) {
+    silu_gate(pre.data(), z + lo, y + lo, hi - lo);
+  } else {
+    for (int64_t row = lo; row < hi; ++row) y[row] = from_f32<T>(pre[row - lo]);
   }
 }
 
@@ -777,17 +816,22 @@ at::Tensor state_update(at::Tensor& h, const at::Tensor& x, const at::Tensor& dt
 template <typename X, typename S>
 void conv_update_rows(int64_t lo, int64_t hi, const X* x, S* state, const float* w, const float* bias,
                       X* out, int64_t D, int64_t K) {
-  for (int64_t row = lo; row < hi; ++row) {
-    const int64_t d = row % D;
+  std::vector<float> pre(hi - lo);  // the conv before silu
+  for (int64_t row = lo, d = lo % D; row < hi; ++row, d = d + 1 == D ? 0 : d + 1) {
     S* s = state + row * K;
     const float* wd = w + d * K;
-    for (int64_t k = 0; k + 1 < K; ++k) s[k] = s[k + 1];
-    s[K - 1] = static_cast<S>(f32(x[row]));
     float acc = 0.0f;
-    for (int64_t k = 0; k < K; ++k) acc += f32(s[k]) * wd[k];
-    if (bias) acc += bias[d];
-    out[row] = from_f32<X>(acc / (1.0f + std::exp(-acc)));
+    for (int64_t k = 0; k + 1 < K; ++k) {  // shift and dot in one pass: no reload of just-stored values
+      const S v = s[k + 1];
+      s[k] = v;
+      acc += f32(v) * wd[k];
+    }
+    const S xs = static_cast<S>(f32(x[row]));
+    s[K - 1] = xs;
+    acc += f32(xs) * wd[K - 1];
+    pre[row - lo] = bias ? acc + bias[d] : acc;
   }
+  silu_gate(pre.data(), static_cast<const float*>(nullptr), out + lo, hi - lo);
 }
 
 at::Tensor conv_update(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
