@@ -23,6 +23,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ _CSRC = Path(__file__).parent / "csrc"
 _LIB = "jambalab_kernels"  # the TORCH_LIBRARY namespace in the sources
 
 _state: dict[str, Any] = {"tried": False, "ops": None, "error": None}
+_lock = threading.Lock()  # a second thread's first call waits for the build instead of skipping it
 
 
 class KernelBuildError(RuntimeError):
@@ -44,18 +46,24 @@ class KernelBuildError(RuntimeError):
 def kernels() -> Any | None:
     """torch.ops.jambalab_kernels, building it on first call; None (after one warning) if that fails."""
     if not _state["tried"]:
-        _state["tried"] = True
-        try:
-            _state["ops"] = load_extension()
-        except KernelBuildError as err:
-            _state["error"] = err
-            warnings.warn(
-                f"jambalab: fused CPU kernels unavailable, using the slow pure-PyTorch reference ({err}). "
-                "Set JAMBALAB_KERNELS=ref to choose it explicitly.",
-                RuntimeWarning,
-                stacklevel=4,  # kernels() <- fused helper <- fused op <- the caller
-            )
+        with _lock:
+            if not _state["tried"]:
+                _try_load()
     return _state["ops"]
+
+
+def _try_load() -> None:
+    try:
+        _state["ops"] = load_extension()
+    except KernelBuildError as err:
+        _state["error"] = err
+        warnings.warn(
+            f"jambalab: fused CPU kernels unavailable, using the slow pure-PyTorch reference ({err}). "
+            "Set JAMBALAB_KERNELS=ref to choose it explicitly.",
+            RuntimeWarning,
+            stacklevel=5,  # _try_load <- kernels() <- fused helper <- fused op <- the caller
+        )
+    _state["tried"] = True
 
 
 def build_error() -> KernelBuildError | None:
