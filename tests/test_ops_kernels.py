@@ -426,6 +426,29 @@ def test_env_var_forces_the_reference():
     assert "ok" in out.stdout
 
 
+def test_unverified_library_is_rebuilt_not_loaded(monkeypatch, tmp_path):
+    """dlopen of a truncated .so (a killed build) dies with SIGBUS, so only verified builds load directly."""
+    from torch.utils import cpp_extension
+
+    calls = []
+    library = tmp_path / "lib.so"
+
+    def fake_build(**kwargs):
+        calls.append(("build", library.exists()))
+        library.write_bytes(b"complete library")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_build)
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: calls.append(("load", path)))
+    library.write_bytes(b"trunc")  # left behind by an interrupted build: no marker
+    cpu._load_or_build("lib", [], [], tmp_path)
+    assert calls == [("build", False)]  # deleted, then rebuilt
+    cpu._load_or_build("lib", [], [], tmp_path)
+    assert calls[-1] == ("load", str(library))  # now verified: loaded without building
+    library.write_bytes(b"tampered")
+    cpu._load_or_build("lib", [], [], tmp_path)
+    assert calls[-1] == ("build", False)
+
+
 def test_build_key_depends_on_the_cpu(monkeypatch):
     sources = sorted(cpu._CSRC.glob("*.cpp"))
     flags = cpu._compile_flags()

@@ -89,11 +89,16 @@ def load_extension() -> Any:
 
 def _load_or_build(name: str, sources: list[Path], flags: list[str], build_dir: Path) -> None:
     library = build_dir / f"{name}.so"
-    # A finished build loads directly: no ninja or compiler needed, no ~100 ms ninja check.
-    # While another process builds, its lock file exists and torch's load() waits on it.
-    if library.exists() and not (build_dir / "lock").exists():
+    marker = build_dir / f"{name}.so.sha256"  # written after a build completed and loaded
+    # A verified build loads directly: no ninja or compiler needed, no ~100 ms ninja check.
+    # Unverified, it may be a truncated leftover of a killed build, and dlopen of that
+    # dies with SIGBUS (no exception to catch): relink it, unless another process is
+    # building right now (its lock file exists; torch's load() then waits for it).
+    if library.exists() and marker.exists() and marker.read_text() == _digest(library):
         torch.ops.load_library(str(library))
         return
+    if library.exists() and not (build_dir / "lock").exists():
+        library.unlink()
     from torch.utils import cpp_extension
 
     _put_pip_ninja_on_path()
@@ -108,6 +113,11 @@ def _load_or_build(name: str, sources: list[Path], flags: list[str], build_dir: 
         is_python_module=False,
         verbose=False,
     )
+    marker.write_text(_digest(library))
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _compile_flags() -> list[str]:
