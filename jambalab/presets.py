@@ -54,6 +54,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                          n_experts=4, top_k=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "small-transformer": dict(_JAMBA, attn_layer_period=1, attn_layer_offset=0, vocab_size=256, d_model=256,
                               n_layers=8, n_heads=8, n_kv_heads=2, d_ff=768, n_experts=4, top_k=2),
+    # The main job's model (`jambalab train`): the paper's 8-layer block (1 attention : 7 Mamba, MoE
+    # every 2nd layer, 4 experts top-2) at width 128, sized so a few CPU minutes see ~1M bytes.
+    "cpu-hybrid": dict(_JAMBA, vocab_size=256, d_model=128, n_layers=8, n_heads=4, n_kv_heads=2, d_ff=384,
+                       n_experts=4, top_k=2),
     # ---- tiny shapes for tests -------------------------------------------------------------
     "tiny-hybrid": dict(_JAMBA, vocab_size=512, d_model=64, n_layers=4, attn_layer_period=4, attn_layer_offset=2,
                         n_heads=4, n_kv_heads=2, d_ff=96, n_experts=4, top_k=2, d_state=8),

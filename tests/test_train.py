@@ -240,3 +240,25 @@ def test_cli_resume_errors(tmp_path, capsys, corpus):
     with pytest.raises(CheckpointError, match="not a jambalab training state"):
         torch.save({"format": "other"}, state)
         ckpt_io.load_state(state.parent)
+
+
+def test_fine_tuning_a_checkpoint_uses_its_tokenizer_json(tmp_path, corpus):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train([str(p) for p in sorted(corpus.iterdir())],
+              trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"]))
+    base = tmp_path / "base"
+    jambalab.from_preset("tiny-hybrid").save_pretrained(base)  # vocab 512 >= the tokenizer's <= 300
+    tok.save(str(base / "tokenizer.json"))
+    (base / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    result = Trainer(None, _args(max_steps=2, val_every=2), DataSpec(source=str(corpus)), tmp_path / "run",
+                     init_from=base, log=lambda m: None).run()
+    meta = json.loads((tmp_path / "run" / "data" / "meta.json").read_text())
+    assert meta["tokenizer"].startswith("tokenizer.json:") and meta["tokenizer"].endswith(f"eos={tok.token_to_id('</s>')}")
+    assert meta["n_tokens"] < 0.6 * sum(len(p.read_bytes()) for p in corpus.iterdir())  # BPE, not bytes
+    assert (result.checkpoint / "model" / "tokenizer.json").is_file()
+    # resuming takes the tokenizer from the checkpoint itself
+    assert Trainer(None, _args(max_steps=3), DataSpec(source=str(corpus)), tmp_path / "run", resume=True,
+                   log=lambda m: None).tokenizer.vocab_size == tok.get_vocab_size()

@@ -17,7 +17,7 @@ from typing import Any
 from jambalab.config import JambaConfig
 from jambalab.errors import ConfigError
 
-MAIN_PRESET = "small-hybrid"
+MAIN_PRESET = "cpu-hybrid"
 MAIN_TIME_BUDGET = 390.0  # seconds of training when neither --max-steps nor --time-budget is given
 SAMPLE_PROMPT = "def "
 

@@ -414,55 +414,55 @@ class Trainer:
 
     # ---- the run ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        from tqdm import tqdm
-
-        a = self.args
+        """Train until max_steps, the time budget or Ctrl-C; validate, checkpoint and plot at the end."""
         metrics = _MetricsFile(self.out / METRICS, self.dist.is_main, truncate_after=self.step)
         self.t_start = time.perf_counter()
         self.elapsed_mean = self.elapsed_before
-        tok0, t0 = self.tokens, time.perf_counter()
-        bar = tqdm(total=a.max_steps, initial=self.step, disable=not self.dist.is_main, unit="step",
-                   dynamic_ncols=True, mininterval=1.0)
+        progress = _Progress(self.args, self.step, self.elapsed_before, self.tokens, self.dist.is_main)
         if self._log is print:
-            self._log = bar.write  # messages above the progress bar, not through it
+            self._log = progress.bar.write  # messages above the progress bar, not through it
         last_val: dict[str, float] = {}
-        reason = "max_steps"
+        reason = None
         with _stop_on_sigint(self):
             try:
-                while self.step < a.max_steps:
-                    t_step = time.perf_counter()
-                    m = self.train_step()
-                    m["tokens_per_s"] = a.batch_size * a.grad_accum * self.dist.world_size * a.seq_len / (
-                        time.perf_counter() - t_step)
-                    m["tokens"] = self.tokens
-                    m["elapsed_s"] = round(self.elapsed_mean, 3)
-                    metrics.write(m)
-                    if self.step % a.val_every == 0:
-                        last_val = self.validate()
-                        metrics.write(last_val)
-                    bar.update(1)
-                    bar.set_postfix_str(_postfix(m, last_val, self.tokens - tok0, time.perf_counter() - t0))
-                    if self.step % a.ckpt_every == 0:
+                while self.step < self.args.max_steps and reason is None:
+                    m, val = self._logged_step(metrics)
+                    last_val = val or last_val
+                    progress.update(self.step, self.elapsed_mean, m, last_val)
+                    if self.step % self.args.ckpt_every == 0:
                         self.save()
                     reason = self._stop_reason()
-                    if reason:
-                        break
-                reason = reason or "max_steps"
             except TrainingDiverged as e:
-                bar.close()
+                progress.close()
                 raise TrainingDiverged(f"{e}; stopped. Last good checkpoint: {self._save_last_good()}. "
                                        f"Lower --lr or raise --warmup, then --resume") from None
-        bar.close()
+        progress.close()
         if not last_val or last_val["step"] != self.step:
             last_val = self.validate()
             metrics.write(last_val)
-        if self.last_ckpt is None or ckpt_io.step_dir(self.ckpt_root, self.step) != self.last_ckpt:
+        metrics.close()
+        if self.last_ckpt != ckpt_io.step_dir(self.ckpt_root, self.step):
             self.save()
         if self.dist.is_main:
             from jambalab.train.report import plot_losses
 
             plot_losses(self.out / METRICS, self.out / PLOT)
-        return self._result(reason, last_val, self.tokens - tok0, time.perf_counter() - t0)
+        return self._result(reason or "max_steps", last_val, progress)
+
+    def _logged_step(self, metrics: _MetricsFile) -> tuple[dict[str, float], dict[str, float] | None]:
+        """One optimizer step (and a validation when due), written to metrics.jsonl."""
+        a = self.args
+        t = time.perf_counter()
+        m = self.train_step()
+        m["tokens_per_s"] = a.batch_size * a.grad_accum * self.dist.world_size * a.seq_len / (time.perf_counter() - t)
+        m["tokens"] = self.tokens
+        m["elapsed_s"] = round(self.elapsed_mean, 3)
+        metrics.write(m)
+        val = None
+        if self.step % a.val_every == 0:
+            val = self.validate()
+            metrics.write(val)
+        return m, val
 
     def _stop_reason(self) -> str | None:
         if self.stop_requested:
@@ -480,12 +480,12 @@ class Trainer:
                 self.save()
         return str(self.last_ckpt) if self.last_ckpt else "none (diverged before the first step)"
 
-    def _result(self, reason: str, val: dict, tokens: int, seconds: float) -> TrainResult:
+    def _result(self, reason: str, val: dict, progress: _Progress) -> TrainResult:
         model = self._full_model() if self.fsdp else par.unwrap(self.model)
         return TrainResult(model=model, step=self.step, val_loss=val.get("val_loss"),
                            val_accuracy=val.get("val_accuracy"), tokens=self.tokens, elapsed=self.elapsed_mean,
-                           tokens_per_s=tokens / max(seconds, 1e-9), stop_reason=reason, checkpoint=self.last_ckpt,
-                           data=self.data, tokenizer=self.tokenizer)
+                           tokens_per_s=progress.tokens_per_s(self.tokens), stop_reason=reason,
+                           checkpoint=self.last_ckpt, data=self.data, tokenizer=self.tokenizer)
 
 
 # ---------------------------------------------------------------------------------------
@@ -565,6 +565,10 @@ class _MetricsFile:
             self.f.write(json.dumps(record) + "\n")
             self.f.flush()
 
+    def close(self) -> None:
+        if self.active:
+            self.f.close()
+
 
 def _line_step(line: str) -> float:
     try:
@@ -573,11 +577,30 @@ def _line_step(line: str) -> float:
         return math.inf  # a torn last line of a killed run
 
 
-def _postfix(m: dict, val: dict, tokens: int, seconds: float) -> str:
-    s = f"loss {m['loss']:.3f}"
-    if val:
-        s += f" val {val['val_loss']:.3f}"
-    return s + f" lr {m['lr']:.1e} {tokens / max(seconds, 1e-9):,.0f} tok/s"
+class _Progress:
+    """The tqdm bar: in steps, or in seconds under a time budget (so its ETA is the real one),
+    with loss, validation loss, learning rate and tokens/s (this session's, validation included)."""
+
+    def __init__(self, args: TrainArgs, step: int, elapsed: float, tokens: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.timed = args.time_budget is not None
+        total, initial = (round(args.time_budget), round(elapsed)) if self.timed else (args.max_steps, step)
+        self.bar = tqdm(total=total, initial=min(initial, total), unit="s" if self.timed else "step",
+                        disable=not enabled, dynamic_ncols=True, mininterval=1.0,
+                        bar_format=None if not self.timed else "{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]")
+        self.t0, self.tokens0 = time.perf_counter(), tokens  # this session's start
+
+    def update(self, step: int, elapsed: float, m: dict, val: dict) -> None:
+        self.bar.update((min(round(elapsed), self.bar.total) if self.timed else step) - self.bar.n)
+        post = f"step {step} loss {m['loss']:.3f}" + (f" val {val['val_loss']:.3f}" if val else "")
+        self.bar.set_postfix_str(post + f" lr {m['lr']:.1e} {self.tokens_per_s(m['tokens']):,.0f} tok/s")
+
+    def tokens_per_s(self, tokens: int) -> float:
+        return (tokens - self.tokens0) / max(time.perf_counter() - self.t0, 1e-9)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class _stop_on_sigint:
