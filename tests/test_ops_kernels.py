@@ -6,9 +6,7 @@ Legend: B batch, L length, D d_inner, N d_state, K d_conv.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import importlib
 import warnings
 
 import pytest
@@ -88,8 +86,11 @@ OPTIONS = {  # which of D, z, h0 are given
 }
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-L{}-D{}-N{}-T{}".format(*s))
-@pytest.mark.parametrize("option", list(OPTIONS))
+# Every option on the short shapes; the long ones (whose reference backward is slow) plain and all.
+CASES = [(shape, option) for shape in SHAPES for option in OPTIONS if shape[1] < 300 or option in ("plain", "all")]
+
+
+@pytest.mark.parametrize("shape,option", CASES, ids=["B{}-L{}-D{}-N{}-T{}".format(*s) + f"-{o}" for s, o in CASES])
 def test_scan_fp32_matches_reference(shape, option):
     needs_kernels()
     bsz, length, d_inner, d_state, chunk = shape
@@ -107,7 +108,7 @@ def test_scan_fp32_matches_reference(shape, option):
         assert rel_err(grads[name], grads_ref[name]) < 1e-5, name
 
 
-@pytest.mark.parametrize("shape", [(3, 65, 40, 16, 16), (1, 300, 24, 8, 64)], ids=["B3-L65", "B1-L300"])
+@pytest.mark.parametrize("shape", [(3, 33, 40, 16, 16), (1, 300, 24, 8, 64)], ids=["B3-L33", "B1-L300"])
 def test_scan_bf16_matches_reference(shape):
     needs_kernels()
     bsz, length, d_inner, d_state, chunk = shape
@@ -340,6 +341,34 @@ def test_conv_update_steps_equal_full_conv_and_strided_state():
     torch.testing.assert_close(storage[:, :, :d_conv], x[:, -d_conv:].transpose(1, 2))
 
 
+def test_ops_trace_under_torch_compile():
+    """Fake (shape-only) kernels let dynamo/AOT trace the ops; aot_eager skips inductor's slow codegen."""
+    needs_kernels()
+    torch._dynamo.reset()
+    inputs = scan_inputs(2, 9, 24, 16)
+
+    def scan(*args):
+        y, h = ops.selective_scan(*args)
+        return y.square().sum() + h.sum()
+
+    leaves = [None if v is None else v.clone().requires_grad_() for v in (inputs[k] for k in SCAN_ARGS)]
+    compiled = torch.compile(scan, backend="aot_eager", fullgraph=True)
+    loss = compiled(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    leaves_ref = [v.clone().requires_grad_() for v in leaves]
+    loss_ref = scan(*leaves_ref)
+    torch.testing.assert_close(loss, loss_ref)
+    for got, want in zip(grads, torch.autograd.grad(loss_ref, leaves_ref)):
+        torch.testing.assert_close(got, want)
+
+    a = step_inputs(2, 24, 16)
+    b = {k: v.clone() for k, v in a.items()}
+    with torch.no_grad():
+        y = torch.compile(ops.selective_state_update, backend="aot_eager", fullgraph=True)(**a)
+    torch.testing.assert_close(y, ops.selective_state_update(**b))
+    torch.testing.assert_close(a["h"], b["h"])
+
+
 # ---------------------------------------------------------------- bad inputs
 
 
@@ -418,12 +447,17 @@ def test_failed_build_warns_once_and_uses_the_reference(monkeypatch):
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
 
 
-def test_env_var_forces_the_reference():
-    code = "from jambalab import ops; assert ops.selective_scan is ops.selective_scan_ref; print('ok')"
-    env = {**os.environ, "JAMBALAB_KERNELS": "ref"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "ok" in out.stdout
+def test_env_var_forces_the_reference(monkeypatch):
+    monkeypatch.setenv("JAMBALAB_KERNELS", "ref")
+    try:
+        importlib.reload(ops)  # the variable is read when jambalab.ops is imported
+        assert ops.selective_scan is ops.selective_scan_ref
+        assert ops.selective_state_update is ops.selective_state_update_ref
+        assert ops.causal_conv1d_update is ops.causal_conv1d_update_ref
+    finally:
+        monkeypatch.delenv("JAMBALAB_KERNELS")
+        importlib.reload(ops)
+    assert ops.selective_scan is fused.selective_scan
 
 
 def test_unverified_library_is_rebuilt_not_loaded(monkeypatch, tmp_path):

@@ -52,9 +52,11 @@ def kernels() -> Any | None:
     return _state["ops"]
 
 
+@torch.compiler.disable  # the build is file and subprocess work: never traced, even on a first call under compile
 def _try_load() -> None:
     try:
         _state["ops"] = load_extension()
+        _register_fakes()
     except KernelBuildError as err:
         _state["error"] = err
         warnings.warn(
@@ -64,6 +66,39 @@ def _try_load() -> None:
             stacklevel=5,  # _try_load <- kernels() <- fused helper <- fused op <- the caller
         )
     _state["tried"] = True
+
+
+def _register_fakes() -> None:
+    """Shape-only twins of the ops, so that torch.compile (FakeTensor tracing) can see through them."""
+
+    def scan_fwd(x, dt, A, B, C, D, z, h0, chunk, save_ckpt):
+        bsz, length, d_inner = x.shape
+        d_state, n_ckpt = A.shape[1], (length + chunk - 1) // chunk
+        state = A.new_empty(bsz, d_inner, d_state)
+        return x.new_empty(x.shape), state, A.new_empty(bsz if save_ckpt else 0, n_ckpt, d_inner, d_state)
+
+    def scan_bwd(x, dt, A, B, C, D, z, ckpt, dy, dh_last, chunk):
+        bsz, length, d_inner = x.shape
+        d_state = A.shape[1]
+        return (
+            x.new_empty(x.shape),
+            x.new_empty(x.shape),
+            A.new_empty(A.shape),
+            A.new_empty(bsz, length, d_state),
+            A.new_empty(bsz, length, d_state),
+            A.new_empty(d_inner),
+            x.new_empty(bsz if z is not None else 0, length, d_inner),
+            A.new_empty(bsz, d_inner, d_state),
+        )
+
+    def state_update(h, x, dt, A, B, C, D, z):
+        return x.new_empty(h.shape[:2])
+
+    def conv_update(x, conv_state, weight, bias):
+        return x.new_empty(conv_state.shape[:2])
+
+    for fn in (scan_fwd, scan_bwd, state_update, conv_update):
+        torch.library.register_fake(f"{_LIB}::{fn.__name__}", fn)
 
 
 def build_error() -> KernelBuildError | None:

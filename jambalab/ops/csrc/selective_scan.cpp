@@ -860,19 +860,25 @@ at::Tensor conv_update(const at::Tensor& x, at::Tensor& conv_state, const at::Te
 
 }  // namespace
 
+// Schemas, then CPU kernels (not catch-all ones: jambalab/ops/cpu.py registers
+// shape-only fake kernels so that torch.compile can trace through these ops).
 TORCH_LIBRARY(jambalab_kernels, m) {
   m.def(
       "scan_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? h0, "
-      "int chunk, bool save_ckpt) -> (Tensor, Tensor, Tensor)",
-      &scan_fwd);
+      "int chunk, bool save_ckpt) -> (Tensor, Tensor, Tensor)");
   m.def(
       "scan_bwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor ckpt, "
       "Tensor? dy, Tensor? dh_last, int chunk) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-      &scan_bwd);
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "state_update(Tensor(a!) h, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
-      "Tensor? z) -> Tensor",
-      &state_update);
-  m.def("conv_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias) -> Tensor", &conv_update);
+      "Tensor? z) -> Tensor");
+  m.def("conv_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(jambalab_kernels, CPU, m) {
+  m.impl("scan_fwd", &scan_fwd);
+  m.impl("scan_bwd", &scan_bwd);
+  m.impl("state_update", &state_update);
+  m.impl("conv_update", &conv_update);
 }
