@@ -12,7 +12,10 @@ Its ops live in `torch.ops.jambalab_kernels` (scan_fwd, scan_bwd,
 state_update, conv_update); jambalab/ops/fused.py wraps them.
 
 `kernels()` tries once per process. If the build fails it warns once and
-returns None, and the callers use the pure-PyTorch references.
+returns None, and the callers use the pure-PyTorch references. A build killed
+with SIGKILL can leave build_dir/lock behind; torch then waits on it: delete it.
+
+Legend (the fake kernels): B batch, L length, D d_inner, N d_state, T chunk_size.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def _register_fakes() -> None:
     def scan_fwd(x, dt, A, B, C, D, z, h0, chunk, save_ckpt):
         bsz, length, d_inner = x.shape
         d_state, n_ckpt = A.shape[1], (length + chunk - 1) // chunk
-        state = A.new_empty(bsz, d_inner, d_state)
+        state = A.new_empty(bsz, d_inner, d_state)  # h_last (B, D, N); checkpoints (B, L/T, D, N)
         return x.new_empty(x.shape), state, A.new_empty(bsz if save_ckpt else 0, n_ckpt, d_inner, d_state)
 
     def scan_bwd(x, dt, A, B, C, D, z, ckpt, dy, dh_last, chunk):

@@ -27,6 +27,7 @@ from jambalab.ops.conv_ref import causal_conv1d_update_ref
 from jambalab.ops.scan_ref import selective_scan_ref, selective_state_update_ref
 
 Tensor = torch.Tensor
+Opt = Tensor | None
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ instantiates
@@ -60,7 +61,9 @@ def _check_shape(op: str, name: str, t: Tensor | None, expected: tuple[int, ...]
         raise InputError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(expected)} ({basis()})")
 
 
-def _check_scan(x, dt, A, B, C, D, z, h0, chunk_size) -> None:
+def _check_scan(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt, h0: Opt, chunk_size: int
+) -> None:
     op = "selective_scan"
     _check_floats(op, dict(x=x, dt=dt, A=A, B=B, C=C), dict(D=D, z=z, h0=h0))
     _check_dim(op, "x", x, "batch, length, d_inner")
@@ -82,7 +85,7 @@ def _check_scan(x, dt, A, B, C, D, z, h0, chunk_size) -> None:
         raise InputError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
 
 
-def _check_state_update(h, x, dt, A, B, C, D, z) -> None:
+def _check_state_update(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt, z: Opt) -> None:
     op = "selective_state_update"
     _check_floats(op, dict(h=h, x=x, dt=dt, A=A, B=B, C=C), dict(D=D, z=z))
     _check_dim(op, "h", h, "batch, d_inner, d_state")
@@ -101,7 +104,7 @@ def _check_state_update(h, x, dt, A, B, C, D, z) -> None:
     _check_shape(op, "D", D, (d_inner,), basis)
 
 
-def _check_conv_update(x, conv_state, weight, bias) -> None:
+def _check_conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Opt) -> None:
     op = "causal_conv1d_update"
     _check_floats(op, dict(x=x, conv_state=conv_state, weight=weight), dict(bias=bias))
     _check_dim(op, "conv_state", conv_state, "batch, d_inner, d_conv")
