@@ -117,6 +117,9 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, corp
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]
     resumed = _trainer(tmp_path, corpus, max_steps=6, resume=True)
     assert resumed.step == 3 and resumed.samples == 6
+    # saving the same step again replaces it without a moment where it is missing
+    resumed.save()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]
 
 
 def test_a_real_kill_leaves_a_temporary_that_is_ignored_and_cleaned(tmp_path, corpus):

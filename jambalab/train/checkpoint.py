@@ -121,29 +121,39 @@ def save_checkpoint(root: str | Path, step: int, model: JambaLM, state: dict[str
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(root)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    final, old = step_dir(root, step), root / f".old-step-{step:08d}-{os.getpid()}"
     try:
         save_model(model, tmp / MODEL_DIR)
         for f in extra_files:  # the tokenizer the run was trained with, so the model dir is usable as is
             shutil.copy2(f, tmp / MODEL_DIR / f.name)
         torch.save({"format": FORMAT, **state}, tmp / STATE_FILE)
         _fsync_tree(tmp)
-        final = step_dir(root, step)
-        if final.exists():  # the same step saved again (e.g. stopped right after a resume)
-            shutil.rmtree(final)
+        if final.exists():  # the same step saved again: move it aside, never delete it first
+            os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.rename(old, final)
         raise
-    for _, old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    for _, stale in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
 def _remove_stale_temporaries(root: Path) -> None:
-    """Half-written checkpoints of a killed run."""
+    """Half-written checkpoints of a killed run, and replaced ones it had not deleted yet (put
+    back if the kill came between moving one aside and renaming its replacement)."""
     for p in root.glob(".tmp-step-*"):
         shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".old-step-*"):
+        final = root / p.name[len(".old-"):].rsplit("-", 1)[0]
+        if final.exists():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            os.rename(p, final)
 
 
 def _fsync_tree(path: Path) -> None:

@@ -7,7 +7,7 @@ the step. So 1 process with A = W accumulation steps and W processes with A = 1 
 batches and take the same steps, and the data position a checkpoint stores is one integer.
 
 Loss = the model's loss (cross-entropy + router_aux_loss_coef * router aux loss, Jamba Sec. 2)
-     + activation_loss * mean square of each block's output (Jamba-1.5, arXiv 2408.12570 Sec. 4:
+     + activation_loss * mean square of each block's output (Jamba-1.5, arXiv 2408.12570:
        keeps activations in a range that fp16/bf16 inference can represent).
 """
 
