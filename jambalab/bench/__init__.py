@@ -1,0 +1,1 @@
+"""Benchmarks: programs that measure and print tables (and write plots). See `jambalab bench`."""
