@@ -156,7 +156,7 @@ def _report(trainer, result, out: Path, wall: float) -> None:
         print(f"validation: loss {result.val_loss:.4f}, answer accuracy {result.val_accuracy:.3f} "
               f"({result.data.task.name}, {trainer.args.seq_len} tokens)")
     else:
-        h = result.data.unigram_entropy(trainer.config.vocab_size)
+        h = trainer.unigram_entropy
         print(f"validation loss {result.val_loss:.3f} nats/token ({bits(result.val_loss):.2f} bits) vs the "
               f"training text's unigram entropy {h:.3f} nats ({bits(h):.2f} bits)")
         print(f"\nsample (prompt {SAMPLE_PROMPT!r}, temperature 0.8, top-k 40):\n" + "-" * 60)

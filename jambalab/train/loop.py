@@ -164,6 +164,7 @@ class Trainer:
                  resume: bool = False, init_from: str | Path | None = None, device: str | None = None,
                  log: Callable[[str], None] = print):
         self.args, self.spec, self.out = args, data, Path(out_dir)
+        self.unigram_entropy: float | None = None  # text data, rank 0: the no-context baseline
         self.dist = par.init_distributed(device)
         self._log = log
         self.ckpt_root = self.out / "checkpoints"
@@ -256,6 +257,10 @@ class Trainer:
         data = TextData(stream, a.seq_len, a.seed, spec.val_fraction)
         self.log(f"data: {meta['n_documents']} documents, {len(stream):,} tokens "
                  f"({data.n_train:,} training windows of {a.seq_len}, {data.n_val:,} validation windows)")
+        if self.dist.is_main:
+            self.unigram_entropy = data.unigram_entropy(config.vocab_size)
+            self.log(f"data: unigram entropy of the training tokens {self.unigram_entropy:.3f} nats "
+                     f"({self.unigram_entropy / math.log(2):.2f} bits): the loss of a model that ignores context")
         return data
 
     def _base_model(self, config: JambaConfig, resumed, init_from) -> JambaLM:
@@ -446,7 +451,7 @@ class Trainer:
         if self.dist.is_main:
             from jambalab.train.report import plot_losses
 
-            plot_losses(self.out / METRICS, self.out / PLOT)
+            plot_losses(self.out / METRICS, self.out / PLOT, self.unigram_entropy)
         return self._result(reason or "max_steps", last_val, progress)
 
     def _logged_step(self, metrics: _MetricsFile) -> tuple[dict[str, float], dict[str, float] | None]:

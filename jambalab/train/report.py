@@ -17,8 +17,9 @@ from jambalab.model import JambaLM
 from jambalab.stats import kv_bytes_per_token, ssm_state_bytes
 
 
-def plot_losses(metrics: Path, out: Path) -> None:
-    """Training and validation loss against step, from metrics.jsonl, written atomically to out."""
+def plot_losses(metrics: Path, out: Path, unigram_entropy: float | None = None) -> None:
+    """Training and validation loss against step, from metrics.jsonl, written atomically to out
+    (with the data's unigram entropy as a reference line, for text)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; set before pyplot is imported
@@ -39,6 +40,8 @@ def plot_losses(metrics: Path, out: Path) -> None:
         ax.plot(*zip(*train), lw=0.8, label="train loss")
     if val:
         ax.plot(*zip(*val), "o-", ms=3, label="validation cross-entropy")
+    if unigram_entropy is not None:
+        ax.axhline(unigram_entropy, color="gray", ls="--", lw=0.8, label="unigram entropy (no context)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("nats per token")
     ax.grid(alpha=0.3)
