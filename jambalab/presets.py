@@ -49,6 +49,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bench-hybrid": dict(_JAMBA, vocab_size=65536, d_model=256, n_layers=8, n_heads=8, n_kv_heads=2, d_ff=1024,
                          n_experts=4, top_k=2),
     "bench-mamba": dict(_MAMBA, vocab_size=65536, d_model=256, n_layers=8),
+    # ---- `jambalab bench curves`: four architectures with EQUAL ACTIVE parameters (12.4M +-0.5%) ----
+    # d_model 256, 8 layers, vocab 4096 (a small vocab keeps the layers, not lm_head, the cost);
+    # the FFN width (or d_inner for pure Mamba) is what equalises the active counts.
+    "curves-hybrid": dict(_JAMBA, vocab_size=4096, d_model=256, n_layers=8, n_heads=8, n_kv_heads=2, d_ff=768,
+                          n_experts=8, top_k=2),
+    "curves-transformer": dict(_DENSE, vocab_size=4096, d_model=256, n_layers=8, n_heads=8, n_kv_heads=2,
+                               d_ff=1472),
+    "curves-mixtral": dict(_MIXTRAL, vocab_size=4096, d_model=256, n_layers=8, n_heads=8, n_kv_heads=2,
+                           d_ff=736),
+    "curves-mamba": dict(_MAMBA, vocab_size=4096, d_model=256, n_layers=8, d_inner=1664),
     # ---- small shapes for training on a CPU ----------------------------------------------
     "small-hybrid": dict(_JAMBA, vocab_size=256, d_model=256, n_layers=8, n_heads=8, n_kv_heads=2, d_ff=768,
                          n_experts=4, top_k=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
