@@ -73,5 +73,14 @@ def run_curves(args: argparse.Namespace) -> int:
     return 0
 
 
-# Each entry adds one `jambalab bench <name>` subcommand; add `add_kernels` etc. here.
-BENCHES = [add_curves]
+# ---------------------------------------------------------------------------------------
+# bench kernels (parser and runner live with the benchmark: jambalab/bench/kernels.py)
+# ---------------------------------------------------------------------------------------
+def add_kernels(group) -> None:
+    from jambalab.bench.kernels import add_parser
+
+    add_parser(group)
+
+
+# Each entry adds one `jambalab bench <name>` subcommand.
+BENCHES = [add_kernels, add_curves]

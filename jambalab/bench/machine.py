@@ -1,0 +1,96 @@
+"""This machine's physical limits and a small timer, for putting benchmark figures in context.
+
+    gemm_gflops()        fp32 matmul rate (a large square torch.mm): the compute ceiling
+    read_bandwidth_gbs() bytes/s summing a tensor far larger than the caches: the decode ceiling
+    copy_bandwidth_gbs() bytes/s (read + write) copying it
+    machine_info()       CPU model, threads, load average, library versions
+
+Figures are the best of `repeat` runs: on a shared machine the best run is the one least
+disturbed by other processes, and a physical limit is a best case by definition.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def best_time(fn: Callable[[], object], repeat: int = 3, warmup: int = 1, min_time: float = 0.0) -> float:
+    """Seconds per call: the fastest of `repeat` timed calls after `warmup` untimed ones.
+
+    With min_time > 0, each timed sample loops fn until min_time has passed and reports the mean
+    per call, so sub-millisecond calls are not dominated by timer resolution.
+    """
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(max(1, repeat)):
+        n, start = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_time:
+                break
+        best = min(best, elapsed / n)
+    return best
+
+
+def gemm_gflops(n: int = 2048, repeat: int = 5) -> float:
+    """fp32 GFLOP/s of an n x n x n torch.mm (2 n^3 FLOPs) at the current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    return 2 * n**3 / best_time(lambda: torch.mm(a, b, out=out), repeat) / 1e9
+
+
+def read_bandwidth_gbs(mib: int = 512, repeat: int = 5) -> float:
+    """GB/s reading (summing) an fp32 tensor of `mib` MiB: what streaming weights can reach."""
+    x = torch.ones(mib * 2**20 // 4)
+    return x.numel() * 4 / best_time(lambda: x.sum(), repeat) / 1e9
+
+
+def copy_bandwidth_gbs(mib: int = 512, repeat: int = 5) -> float:
+    """GB/s (bytes read + bytes written) copying an fp32 tensor of `mib` MiB."""
+    x = torch.ones(mib * 2**20 // 4)
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / best_time(lambda: y.copy_(x), repeat) / 1e9
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def machine_info() -> dict:
+    info = {
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_1min": load_average(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    return info
