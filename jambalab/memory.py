@@ -113,13 +113,14 @@ def activation_bytes(cfg: JambaConfig, chunk: int, batch: int, dtype: str, conte
     sum over layers. Per token, with s bytes per element (4 fp32, 2 otherwise):
       stream     residual + normed input: d * (s or 4 if residual_in_fp32) + d * s
       attention  q, k, v, attention output, its (B, L, H*hd) copy, o_proj output
-      mamba      in_proj output 2D, conv output D, dt and its softplus 2D, the scan's fp32 output and
-                 its concatenation 2 * 4D bytes, skip/gate temporaries 2 * 4D bytes, out_proj d
+      mamba      in_proj output 2D, conv output D, dt D, the gate z copied to rows D, the fused scan's
+                 output D (jambalab.ops.fused; the pure-PyTorch reference scan holds more), x_proj
+                 output R + 2N, out_proj output d
       mlp        gate, up and their product 3F, down output d (plus the block's normed input d)
       moe        tokens gathered K*d, expert outputs and their weighted copy 2K*d, scatter target d,
                  each expert's 3F intermediates over its share c*K/E of the tokens (balanced router)
-    A chunk after the first attends over cached keys with an explicit causal mask, built per block
-    of query rows (bool + its float copy in SDPA). The logits: B * V * logits_to_keep (0 = every
+    A chunk after the first attends over cached keys with an explicit boolean causal mask, built
+    per block of query rows (1 byte per entry). The logits: B * V * logits_to_keep (0 = every
     position of the chunk, as HF generate computed them for Llama/Mixtral in 2024), in the compute
     dtype plus their fp32 copy.
     Checked against a measured peak in tests/test_memory.py (a loose factor: allocator slack).
@@ -132,7 +133,7 @@ def activation_bytes(cfg: JambaConfig, chunk: int, batch: int, dtype: str, conte
     if cfg.n_attention_layers and context > chunk:  # past > 0: explicit mask path
         # rows per block are floor(2**25 / S); the bound below ignores the floor so that memory
         # stays monotone in the context (the inverse questions bisect on it)
-        mask = min(chunk * context, _MASK_BLOCK) * (1 + s)
+        mask = min(chunk * context, _MASK_BLOCK)
     kept = chunk if logits_to_keep <= 0 else min(logits_to_keep, chunk)
     logits = batch * kept * cfg.vocab_size * (s + (4 if s != 4 else 0))
     return tokens * per_token + mask + logits
@@ -149,7 +150,7 @@ def _layer_bytes(cfg: JambaConfig, s: int, chunk: int) -> list[int]:
         q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         kinds.append((3 * q + 2 * kv + d) * s)
     if cfg.n_mamba_layers:
-        kinds.append((2 * D + D + 2 * D + cfg.dt_rank + 2 * cfg.d_state + d) * s + 4 * D * 4)
+        kinds.append((6 * D + cfg.dt_rank + 2 * cfg.d_state + d) * s)
     if cfg.d_ff:
         F = cfg.d_ff
         kinds.append((3 * F + 2 * d) * s)  # dense MLP

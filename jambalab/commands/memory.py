@@ -114,9 +114,10 @@ def _run_paper(args: argparse.Namespace) -> int:
     for name, block in f2.items():
         print(f"  setting {name}: {block['description']}")
         for r in block["rows"]:
+            ratio = "" if r["preset"] == "jamba-v0.1" else (f"Jamba/this {r['jamba_ratio']:5.2f}x  "
+                                                            f"(paper {r['paper_ratio']:g}x)")
             print(f"    {r['preset']:14s} int8 weights {r['weight_bytes'] / GiB:6.1f} GiB  "
-                  f"max context {r['max_context']:>10,}  Jamba/this {r['jamba_ratio']:5.2f}x  "
-                  f"(paper {r['paper_ratio']:g}x)")
+                  f"max context {r['max_context']:>10,}  {ratio}")
     return 0
 
 
