@@ -265,3 +265,11 @@ def test_fine_tuning_a_checkpoint_uses_its_tokenizer_json(tmp_path, corpus):
     # resuming takes the tokenizer from the checkpoint itself
     assert Trainer(None, _args(max_steps=3), DataSpec(source=str(corpus)), tmp_path / "run", resume=True,
                    log=lambda m: None).tokenizer.vocab_size == tok.get_vocab_size()
+
+
+def test_set_values_are_parsed():
+    from jambalab.commands.train import parse_assignments
+
+    got = parse_assignments(["a=4", "b=1e-3", "c=true", "d=False", "e=none", "f=learnable", "g=-2"], "--set")
+    assert got == {"a": 4, "b": 1e-3, "c": True, "d": False, "e": None, "f": "learnable", "g": -2}
+    assert isinstance(got["a"], int) and isinstance(got["b"], float)

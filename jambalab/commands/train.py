@@ -42,7 +42,8 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per process and micro-step")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=5e-3,
+                   help="peak learning rate (default 5e-3, tuned for the main job; larger models want less)")
     p.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
     p.add_argument("--warmup", type=int, default=30, help="warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.1)

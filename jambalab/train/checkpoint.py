@@ -204,7 +204,8 @@ def load_checkpoint_model(ckpt: Path, config: JambaConfig) -> JambaLM:
     try:
         model.load_state_dict(loaded.state_dict(), strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {ckpt}: model/ does not match the saved config: {str(e).splitlines()[0]}") from None
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"checkpoint {ckpt}: model/ does not match the saved config: {first}") from None
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.train()

@@ -54,7 +54,7 @@ class TrainArgs:
     seq_len: int = 256
     batch_size: int = 8  # per process and micro-step (B)
     grad_accum: int = 1  # micro-steps per optimizer step (A)
-    lr: float = 3e-3
+    lr: float = 5e-3
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay, as Falcon Mamba)
     warmup_steps: int = 50
@@ -582,6 +582,9 @@ def _line_step(line: str) -> float:
         return math.inf  # a torn last line of a killed run
 
 
+_TIMED_BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]"
+
+
 class _Progress:
     """The tqdm bar: in steps, or in seconds under a time budget (so its ETA is the real one),
     with loss, validation loss, learning rate and tokens/s (this session's, validation included)."""
@@ -593,7 +596,7 @@ class _Progress:
         total, initial = (round(args.time_budget), round(elapsed)) if self.timed else (args.max_steps, step)
         self.bar = tqdm(total=total, initial=min(initial, total), unit="s" if self.timed else "step",
                         disable=not enabled, dynamic_ncols=True, mininterval=1.0,
-                        bar_format=None if not self.timed else "{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]")
+                        bar_format=_TIMED_BAR if self.timed else None)
         self.t0, self.tokens0 = time.perf_counter(), tokens  # this session's start
 
     def update(self, step: int, elapsed: float, m: dict, val: dict) -> None:

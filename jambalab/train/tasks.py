@@ -113,9 +113,11 @@ class MQAR(Task):
         if not 0 < nq <= self.n_pairs:
             raise InputError(f"mqar: n_queries={nq} must lie in [1, n_pairs={self.n_pairs}]")
         if self.n_pairs > self._n_keys:
-            raise InputError(f"mqar: n_pairs={self.n_pairs} exceeds the {self._n_keys} distinct keys of vocab {self.vocab_size}")
-        if 2 * self.n_pairs + 2 * nq > seq_len:
-            raise InputError(f"mqar: {self.n_pairs} pairs and {nq} queries need seq_len >= {2 * self.n_pairs + 2 * nq}, got {seq_len}")
+            raise InputError(f"mqar: n_pairs={self.n_pairs} exceeds the {self._n_keys} distinct keys "
+                             f"of vocab {self.vocab_size}")
+        need = 2 * self.n_pairs + 2 * nq
+        if need > seq_len:
+            raise InputError(f"mqar: {self.n_pairs} pairs and {nq} queries need seq_len >= {need}, got {seq_len}")
 
     def sample(self, rng: np.random.Generator, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         n, nq, k = self.n_pairs, self.n_queries or self.n_pairs, self._n_keys
