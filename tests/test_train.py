@@ -273,3 +273,21 @@ def test_set_values_are_parsed():
     got = parse_assignments(["a=4", "b=1e-3", "c=true", "d=False", "e=none", "f=learnable", "g=-2"], "--set")
     assert got == {"a": 4, "b": 1e-3, "c": True, "d": False, "e": None, "f": "learnable", "g": -2}
     assert isinstance(got["a"], int) and isinstance(got["b"], float)
+
+
+def test_ctrl_c_finishes_the_step_and_saves(tmp_path, corpus):
+    import os
+    import signal
+
+    trainer = _trainer(tmp_path, corpus, max_steps=20, ckpt_every=100, val_every=100)
+
+    def interrupt(_module, _inputs, output):  # Ctrl-C arrives in the middle of step 3's forward
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return output
+
+    trainer.model.norm_f.register_forward_hook(interrupt)
+    result = trainer.run()
+    assert result.stop_reason == "interrupted" and result.step == 3
+    assert result.checkpoint == tmp_path / "checkpoints" / "step-00000003"
+    assert _trainer(tmp_path, corpus, max_steps=20, resume=True).step == 3
