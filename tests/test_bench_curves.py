@@ -18,7 +18,7 @@ def test_quick_curves_write_json_and_pngs(tmp_path, capsys):
     for name in ("curves_batch.png", "curves_context.png", "curves_decode.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [r["model"] for r in res["batch"]] == ["tiny-hybrid"]
-    assert all(r["decode_tok_s"] > 0 and r["peak_bytes"] > 0 for r in res["batch"])
+    assert all(r["decode_tok_s"] > 0 and r["peak_bytes"] > r["model_bytes"] > 0 for r in res["batch"])
     # 1 MiB is below any process: each sweep stops after its first context, the rest is skipped
     ctx = {(r["model"], r["context"]): r for r in res["context"]}
     assert ctx[("tiny-hybrid", 16)]["over_limit"] and ctx[("tiny-hybrid", 32)]["skipped"]

@@ -41,7 +41,8 @@ class ProbeSpec:
 @dataclass
 class ProbeResult:
     spec: dict
-    baseline_bytes: int  # resident after model + cache + warm-up: torch, weights, preallocated KV, state
+    runtime_bytes: int  # resident after importing torch and jambalab, before the model: the runtime's share
+    baseline_bytes: int  # resident after model + cache + warm-up: runtime, weights, preallocated KV, state
     prefill_peak_bytes: int  # peak resident during the prefill
     peak_bytes: int  # peak resident over the whole measured run (VmHWM after the reset)
     prefill_s: float
@@ -90,6 +91,7 @@ def run_probe(spec: ProbeSpec) -> ProbeResult:
     from jambalab.model import JambaLM
 
     torch.set_num_threads(spec.threads)
+    runtime = rss_bytes()
     cfg = JambaConfig.from_preset(spec.preset)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec.dtype]
     model = JambaLM.from_config(cfg, seed=spec.seed, dtype=dtype).eval()
@@ -108,7 +110,9 @@ def run_probe(spec: ProbeSpec) -> ProbeResult:
         logits = _prefill(model, ids, cache, spec.chunk)
         prefill_s = time.perf_counter() - t0
         prefill_peak = peak_bytes()
-        result = ProbeResult(asdict(spec), baseline, prefill_peak, 0, prefill_s, 0.0, 0)
+        result = ProbeResult(spec=asdict(spec), runtime_bytes=runtime, baseline_bytes=baseline,
+                             prefill_peak_bytes=prefill_peak, peak_bytes=0, prefill_s=prefill_s, decode_s=0.0,
+                             cache_bytes=0)
         result.decode_s = _decode(model, logits, cache, spec.decode, result if spec.trace else None)
     result.peak_bytes = peak_bytes()
     result.cache_bytes = cache.nbytes()

@@ -29,7 +29,8 @@ def add_curves(group) -> None:
     p.add_argument("--out", default="bench-out", help="directory for curves.json and the PNGs (default bench-out)")
     p.add_argument("--curves", default="batch,context,decode", help="which curves: batch,context,decode")
     p.add_argument("--models", help="comma-separated presets (default: the four curves-* presets)")
-    p.add_argument("--mem-limit", help="(b) stop a model's context sweep once its peak RSS exceeds this (e.g. 2GiB)")
+    p.add_argument("--mem-limit", help="(b) stop a model's context sweep once its model memory (peak RSS minus "
+                   "the torch runtime) exceeds this, e.g. 512MiB (default 4GiB)")
     p.add_argument("--batch-sizes", help="(a) comma-separated batch sizes")
     p.add_argument("--batch-context", type=int, help="(a) context length")
     p.add_argument("--contexts", help="(b) comma-separated context lengths")
