@@ -68,15 +68,24 @@ def hybrid_config(ratio: tuple[int, int], e: int, n: int, k: int, n_layers: int,
 
 
 def plan(budget: int, context: int, active: int, batch: int = 1, dtype: str = "int8", tolerance: float = 0.15,
-         prefill_chunk: int | None = DEFAULT_CHUNK) -> list[Candidate]:
-    """Every enumerated config within `tolerance` of `active` params that fits `budget` at `context`
-    and `batch`, the most total parameters (capacity at that compute) first."""
+         prefill_chunk: int | None = DEFAULT_CHUNK, headroom: float = 0.25) -> list[Candidate]:
+    """Every enumerated config within `tolerance` of `active` params whose memory at `context` and
+    `batch` leaves `headroom` of the budget free, the most total parameters (capacity at that
+    compute) first.
+
+    The headroom is the paper's "sufficient memory for the inputs" (Sec. 3.1): room for longer
+    prompts, a larger batch, allocator slack. Without it the top answers fill the budget to the
+    byte at exactly the target context.
+    """
     check_positive("budget", budget)
     check_positive("context", context)
     check_positive("batch", batch)
     check_dtype(dtype)
     if not 0 < tolerance < 1:
         raise ConfigError(f"tolerance must lie in (0, 1), got {tolerance}")
+    if not 0 <= headroom < 1:
+        raise ConfigError(f"headroom must lie in [0, 1), got {headroom}")
+    usable = (1 - headroom) * budget
     out = []
     for ratio, (e, n, k), n_layers, d in itertools.product(RATIOS, MOES, LAYERS, WIDTHS):
         if n_layers % sum(ratio) or not ASPECT[0] <= d / n_layers <= ASPECT[1]:
@@ -85,7 +94,7 @@ def plan(budget: int, context: int, active: int, batch: int = 1, dtype: str = "i
         if abs(param_counts_fast(cfg)[1] - active) > tolerance * active:
             continue
         rep = memory_report(cfg, context, batch, dtype, prefill_chunk)
-        if rep.total_bytes <= budget:
+        if rep.total_bytes <= usable:
             out.append(Candidate(ratio, e, n, k, n_layers, d, rep))
     out.sort(key=lambda c: (-c.report.params_total, c.report.total_bytes))
     return out

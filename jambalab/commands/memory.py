@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--paper", action="store_true", help="reproduce Table 1 (Jamba, Jamba-1.5) and Figure 2 (Jamba)")
     p.add_argument("--plan", action="store_true", help="suggest hybrid configs for --budget, --context, --active")
     p.add_argument("--active", default="12B", help="target active parameters for --plan (default 12B)")
+    p.add_argument("--headroom", type=float, default=0.25,
+                   help="fraction of --budget --plan keeps free at --context (default 0.25)")
     p.add_argument("--top", type=int, default=20, help="rows --plan prints (default 20)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -132,14 +134,16 @@ def _run_plan(args: argparse.Namespace) -> int:
     budget, active = parse_size(args.budget), parse_count(args.active)
     context, batch = parse_tokens(args.context, "context"), parse_tokens(args.batch, "batch")
     dtype = args.dtype
-    cands = plan(budget, context, active, batch, dtype, prefill_chunk=_chunk(args.prefill_chunk))
+    cands = plan(budget, context, active, batch, dtype, prefill_chunk=_chunk(args.prefill_chunk),
+                 headroom=args.headroom)
     rows = [dict(c.knobs(), paper_choice=c.is_paper_choice(), **c.report.to_dict()) for c in cands]
     if args.json:
-        print(json.dumps({"budget_bytes": budget, "context": context, "batch": batch, "active_target": active,
-                          "dtype": dtype, "candidates": rows}))
+        print(json.dumps({"budget_bytes": budget, "headroom": args.headroom, "context": context, "batch": batch,
+                          "active_target": active, "dtype": dtype, "candidates": rows}))
         return 0
-    print(f"{len(rows)} hybrid configs fit {budget / GiB:.1f} GiB at context {context:,}, batch {batch}, {dtype}, "
-          f"with {active / 1e9:g}B active +-15% (most total parameters first; * = the paper's choice)")
+    print(f"{len(rows)} hybrid configs with {active / 1e9:g}B active +-15% fit {budget / GiB:.1f} GiB with "
+          f"{args.headroom:.0%} to spare at context {context:,}, batch {batch}, {dtype} "
+          f"(most total parameters first; * = the paper's choice)")
     print(f"  {'a:m':>5s} {'e':>2s} {'n':>3s} {'K':>2s} {'blocks':>6s} {'layers':>6s} {'d':>5s} "
           f"{'total':>7s} {'active':>7s} {'weights':>8s} {'KV':>7s} {'state':>6s} {'act':>6s} {'sum GiB':>8s}")
     paper_rank = next((i for i, r in enumerate(rows) if r["paper_choice"]), None)
