@@ -44,10 +44,18 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from jambalab import evaluate as ev
-
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from jambalab import evaluate as ev
+
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
     model, tok, source = ev.load_for_eval(args.model, args.preset, seed=args.seed)
     out_dir = Path(args.out)

@@ -1,0 +1,138 @@
+"""`jambalab ablate`: the grid (one knob per run), budgets, resumable runs, table, JSON, plots."""
+
+import json
+
+import pytest
+
+from jambalab import ablate
+from jambalab.cli import main
+from jambalab.errors import JambalabError
+
+TINY = ["--budget", "2", "--eval-samples", "4", "--max-tokens", "20000"]
+
+
+# ---- the grid -------------------------------------------------------------------------------
+def test_grid_names_and_one_knob_each():
+    cfgs = ablate.grid_configs()
+    assert list(cfgs) == ["attention", "mamba", "hybrid-1:3", "hybrid-1:7", "hybrid-1:7-moe", "hybrid-1:7-rope"]
+    base = cfgs["hybrid-1:7"].to_dict()
+    for name, cfg in cfgs.items():
+        changed = {k for k, v in cfg.to_dict().items() if base[k] != v} - {"name"}
+        assert changed == {k for k, v in ablate.KNOBS[name].items() if base[k] != v}, name
+        assert changed or name == "hybrid-1:7"
+    assert cfgs["hybrid-1:7"].layer_pattern() == "M M M M A M M M"  # the paper's a:m = 1:7, l = 8
+    assert cfgs["hybrid-1:3"].n_attention_layers == 2 and cfgs["attention"].n_mamba_layers == 0
+    assert cfgs["mamba"].n_attention_layers == 0 and cfgs["hybrid-1:7-rope"].rope
+
+
+def test_moe_run_has_the_dense_runs_active_parameters():
+    from jambalab.stats import param_counts
+
+    dense_total, dense_active = param_counts(ablate.grid_configs()["hybrid-1:7"])
+    moe = ablate.grid_configs()["hybrid-1:7-moe"]
+    total, active = param_counts(moe)
+    router = moe.n_moe_layers * moe.d_model * moe.n_experts
+    assert active == dense_active + router  # only the router's few weights differ
+    extra_experts = moe.n_moe_layers * (moe.n_experts - 1) * 3 * moe.d_model * moe.d_ff
+    assert total == dense_total + router + extra_experts  # 4 experts stored, 1 used per token
+
+
+def test_only_parses_and_rejects_unknown_names():
+    assert ablate.parse_only(None) == list(ablate.GRID)
+    assert ablate.parse_only("mamba, attention") == ["attention", "mamba"]  # grid order
+    with pytest.raises(JambalabError, match="hybrid-1:5"):
+        ablate.parse_only("mamba,hybrid-1:5")
+
+
+def test_lr_schedule_warms_up_then_decays_with_the_budget():
+    hp = ablate.TrainHParams(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert ablate.lr_at(hp, 0, 0.0) == pytest.approx(1e-4)
+    assert ablate.lr_at(hp, 9, 0.0) == pytest.approx(1e-3)
+    assert ablate.lr_at(hp, 100, 0.5) == pytest.approx(0.55e-3)
+    assert ablate.lr_at(hp, 100, 1.0) == pytest.approx(1e-4)
+
+
+def test_mixed_length_batches_are_deterministic_and_never_repeat():
+    setup = ablate.make_setup("mqar", seed=5, tokens_per_step=1024)
+    a, b = setup.batch(0), setup.batch(0)
+    assert a[0].equal(b[0]) and a[1].equal(b[1])
+    n = len(setup.lengths)
+    assert [setup.batch(s)[0].shape[1] for s in range(n)] == sorted(ablate.MQAR_POINTS)
+    assert all(setup.batch(s)[0].numel() == 1024 for s in range(n))
+    assert not setup.batch(0)[0].equal(setup.batch(n)[0])  # same length, later samples
+    ids, labels = setup.batch(0)
+    answers = (labels[:, 1:] != -100).sum(1)
+    assert (answers == ablate.MQAR_POINTS[ids.shape[1]]).all()  # every key asked once
+
+
+@pytest.mark.parametrize("clock", ["cpu", "wall"])
+def test_training_stops_at_the_token_budget(clock):
+    from jambalab.model import JambaLM
+
+    setup = ablate.make_setup("mqar", tokens_per_step=512)
+    stats = ablate.train_budgeted(JambaLM.from_config(ablate.grid_configs()["mamba"], seed=0), setup.batch, 1e9,
+                                  ablate.TrainHParams(max_tokens=1500), clock)
+    assert stats["tokens"] == 3 * 512 and stats["steps"] == 3  # stops as soon as the budget is spent
+    assert stats["train_time_s"] > 0 and stats["tokens_per_s"] > 0
+
+
+# ---- the command ----------------------------------------------------------------------------
+def test_cli_json_table_plots_and_resume(tmp_path, capsys):
+    out = tmp_path / "runs"
+    argv = ["ablate", "--only", "mamba,hybrid-1:7", "--task", "mqar", "--out", str(out), "--json", *TINY]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    runs = json.loads(captured.out)
+    assert [r["name"] for r in runs] == ["mamba", "hybrid-1:7"]
+    for r in runs:
+        assert 0 <= r["recall_accuracy"] <= 1 and r["val_loss"] > 0
+        assert r["params_total"] >= r["params_active"] > 0 and r["tokens_per_s"] > 0 and r["seed"] == 0
+        assert set(r["recall_by_length"]) == {str(n) for n in ablate.MQAR_POINTS}
+        run = out / ablate.run_key(r["name"], "mqar")
+        assert (run / "result.json").is_file() and (run / "model" / "config.json").is_file()
+    assert (out / "ablate-mqar.png").stat().st_size > 1000
+    # Re-run: both runs are finished, so nothing trains and the same results come back.
+    assert main(argv) == 0
+    again = capsys.readouterr()
+    assert json.loads(again.out) == runs and "finished earlier" in again.err
+    # Another budget is another experiment: that run trains again.
+    assert main([*argv[:-len(TINY)], "--budget", "1", *TINY[2:], "--only", "mamba"]) == 0
+    assert "finished earlier" not in capsys.readouterr().err
+    # The kept model is what `jambalab eval` reads.
+    hybrid = out / ablate.run_key("hybrid-1:7", "mqar")
+    assert main(["eval", "--model", str(hybrid), "--attention-map", "--out", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["attention_map"]["layers"] == [4]
+
+
+def test_cli_lm_task_on_a_text_file_reports_bits_per_byte(tmp_path, capsys):
+    f = tmp_path / "corpus.txt"
+    f.write_text("def f(x):\n    return x + 1\n\n" * 400)
+    assert main(["ablate", "--only", "hybrid-1:7-moe", "--task", "lm", "--data", str(f), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "hybrid-1:7-moe" in out and "bpb" in out
+
+
+def test_format_table_has_one_row_per_run():
+    rows = [{"name": "mamba", "task": "mqar", "params_total": 490000, "params_active": 490000,
+             "recall_by_length": {"64": 0.5, "128": 0.25}, "recall_accuracy": 0.375, "val_loss": 2.0,
+             "bits_per_byte": None, "tokens_per_s": 1234.5, "tokens": 2_000_000, "steps": 100}]
+    table = ablate.format_table(rows)
+    assert "acc@64" in table and "0.375" in table and "490.0K" in table and "2.00M" in table
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--only", "transformer"], "unknown run name"),
+    (["--task", "copy"], "--task"),
+    (["--budget", "0"], "--budget"),
+])
+def test_cli_bad_input_is_one_line(argv, msg, capsys):
+    assert main(["ablate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_cli_passkey_task(tmp_path, capsys):
+    assert main(["ablate", "--only", "attention", "--task", "passkey", "--json", *TINY]) == 0
+    (r,) = json.loads(capsys.readouterr().out)
+    assert set(r["recall_by_length"]) == {str(n) for n in ablate.PASSKEY_LENGTHS}
