@@ -161,7 +161,8 @@ def _report(trainer, result, out: Path, wall: float) -> None:
         print(f"validation loss {result.val_loss:.3f} nats/token ({bits(result.val_loss):.2f} bits) vs the "
               f"training text's unigram entropy {h:.3f} nats ({bits(h):.2f} bits)")
         print(f"\nsample (prompt {SAMPLE_PROMPT!r}, temperature 0.8, top-k 40):\n" + "-" * 60)
-        print(sample_text(result.model, result.tokenizer, SAMPLE_PROMPT, seed=trainer.args.seed))
+        text = sample_text(result.model, result.tokenizer, SAMPLE_PROMPT, seed=trainer.args.seed)
+        print("\n".join(line.rstrip() for line in text.splitlines()))  # deep indents end in runs of spaces
         print("-" * 60)
     print()
     print("\n".join(memory_table(trainer.config)))
