@@ -77,9 +77,12 @@ def measure(preset: str, tokens: int, chunk: int, threads: int) -> dict:
 # ---------------------------------------------------------------------------------------
 # Parent: the table
 # ---------------------------------------------------------------------------------------
-def run_child(preset: str, tokens: int, chunk: int, threads: int, timeout: float) -> dict:
+def run_child(preset: str, tokens: int, chunk: int, threads: int, timeout: float, mmap_threshold: int | None) -> dict:
     cmd = [sys.executable, __file__, "--child", preset, str(tokens), str(chunk), str(threads)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    env = dict(os.environ)
+    if mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"child {preset} {tokens} failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -105,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared machine, idle-spinning OpenMP threads distort timings)")
     p.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per child run")
+    p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                   help="set glibc's MALLOC_MMAP_THRESHOLD_ in the children: a fixed threshold returns large "
+                        "transient buffers to the OS at once, so peak RSS shows the tensors, not heap retention")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--child", nargs=4, metavar=("PRESET", "TOKENS", "CHUNK", "THREADS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER, flush=True)
     for preset in args.presets:
         for tokens in args.lengths:
-            rows.append(run_child(preset, tokens, args.chunk_size, args.threads, args.timeout))
+            rows.append(run_child(preset, tokens, args.chunk_size, args.threads, args.timeout, args.mmap_threshold))
             print(row(rows[-1]), flush=True)
     print(f"scan kernel: {rows[0]['scan']}; peak reset via /proc/self/clear_refs: {rows[0]['peak_reset']}")
     if args.json:
