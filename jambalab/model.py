@@ -109,7 +109,8 @@ class MoE(nn.Module):
         # Unbind the stacked weights once per call: indexing W[e] inside the loop makes backward ~6x slower.
         gates, ups, downs = self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0)
         outs = []
-        for e, xs in enumerate(torch.split(h[token], counts)):
+        # index_select, not h[token]: same rows, but its backward is index_add_ (3x faster than index_put_).
+        for e, xs in enumerate(torch.split(h.index_select(0, token), counts)):
             if counts[e]:
                 outs.append(F.linear(F.silu(F.linear(xs, gates[e])) * F.linear(xs, ups[e]), downs[e]))
         y = torch.cat(outs) * weights.reshape(-1)[order, None]  # (T*K, d)
@@ -124,7 +125,8 @@ class MoE(nn.Module):
         out = None
         for k in sorted(range(len(ids)), key=ids.__getitem__):
             e = ids[k]
-            y = F.linear(F.silu(F.linear(h, self.w_gate[e])) * F.linear(h, self.w_up[e]), self.w_down[e]) * weights[0, k]
+            y = F.linear(F.silu(F.linear(h, self.w_gate[e])) * F.linear(h, self.w_up[e]), self.w_down[e])
+            y = y * weights[0, k]
             out = y if out is None else out + y
         return out.to(h.dtype)
 
