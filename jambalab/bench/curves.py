@@ -221,38 +221,58 @@ def write_plots(results: dict, out_dir: Path) -> list[str]:
     if "batch" in results:
         fig, ax = plt.subplots(figsize=(6, 4))
         _lines(ax, results["batch"], "batch", "decode_tok_s")
-        ax.set(xscale="log", xlabel="batch size", ylabel="decode tokens/s",
-               title=f"(a) decode throughput, context {results['plan']['batch_context']}")
+        ax.set(ylabel="decode tokens/s", title=f"(a) decode throughput, context {results['plan']['batch_context']}")
+        _log_x(ax, results["plan"]["batch_sizes"], "batch size")
         paths.append(_save(fig, out_dir / "curves_batch.png"))
     if "context" in results:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        _lines(axes[0], results["context"], "context", "decode_tok_s")
-        axes[0].set(xscale="log", xlabel="context (tokens)", ylabel="decode tokens/s",
-                    title=f"(b) decode throughput, batch {results['plan']['context_batch']}")
-        _lines(axes[1], results["context"], "context", "model_bytes", scale=1 / MiB)
-        if any(r.get("over_limit") for r in results["context"]):
-            axes[1].axhline(results["plan"]["mem_limit"] / MiB, color="grey", ls="--", lw=1, label="--mem-limit")
-        axes[1].set(xscale="log", xlabel="context (tokens)", ylabel="peak memory above the runtime (MiB)",
-                    title="(b) model memory: weights + cache + activations")
-        _legend(axes[1])
-        paths.append(_save(fig, out_dir / "curves_context.png"))
+        paths.append(_context_plot(plt, results, out_dir / "curves_context.png"))
     if "decode" in results:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for r in results["decode"]:
-            if "error" in r:
-                continue
-            xs = range(1, len(r["step_s"]) + 1)
-            label = LABELS.get(r["model"], r["model"])
-            axes[0].plot(xs, _rolling_median([t * 1e3 for t in r["step_s"]]), label=label)
-            axes[1].plot(xs, [(b - r["baseline_bytes"]) / MiB for b in r["step_rss"]], label=label)
-        axes[0].set(xlabel="generated tokens", ylabel="ms per token (rolling median)",
-                    title="(c) decode time per token")
-        axes[1].set(xlabel="generated tokens", ylabel="resident memory above start (MiB)",
-                    title="(c) memory while decoding")
-        for ax in axes:
-            _legend(ax)
-        paths.append(_save(fig, out_dir / "curves_decode.png"))
+        paths.append(_decode_plot(plt, results, out_dir / "curves_decode.png"))
     return paths
+
+
+def _context_plot(plt, results: dict, path: Path) -> str:
+    plan, rows = results["plan"], results["context"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    _lines(axes[0], rows, "context", "decode_tok_s")
+    axes[0].set(ylabel="decode tokens/s", title=f"(b) decode throughput, batch {plan['context_batch']}")
+    _lines(axes[1], rows, "context", "model_bytes", scale=1 / MiB)
+    if any(r.get("over_limit") for r in rows):
+        axes[1].axhline(plan["mem_limit"] / MiB, color="grey", ls="--", lw=1, label="--mem-limit")
+        _legend(axes[1])
+    axes[1].set(ylabel="peak memory above the runtime (MiB)", title="(b) model memory: weights + cache + activations")
+    _lines(axes[2], rows, "context", "cache_bytes", scale=1 / MiB)
+    axes[2].set(yscale="log", ylabel="KV cache + Mamba state (MiB)", title="(b) the cache alone")
+    for ax in axes:
+        _log_x(ax, plan["contexts"], "context (tokens)")
+    return _save(fig, path)
+
+
+def _decode_plot(plt, results: dict, path: Path) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results["decode"]:
+        if "error" in r:
+            continue
+        xs = range(1, len(r["step_s"]) + 1)
+        label = LABELS.get(r["model"], r["model"])
+        axes[0].plot(xs, _rolling_median([t * 1e3 for t in r["step_s"]]), label=label)
+        line, = axes[1].plot(xs, [(b - r["baseline_bytes"]) / MiB for b in r["step_rss"]], label=label)
+        # the cache's own bytes, dotted in the same colour, beside what the process holds
+        axes[1].plot(xs, [(b - r["step_cache_bytes"][0]) / MiB for b in r["step_cache_bytes"]],
+                     ls=":", color=line.get_color())
+    axes[0].set(xlabel="generated tokens", ylabel="ms per token (rolling median)", title="(c) decode time per token")
+    axes[1].set(xlabel="generated tokens", ylabel="MiB above the start",
+                title="(c) memory while decoding (solid: resident, dotted: cache)")
+    for ax in axes:
+        _legend(ax)
+    return _save(fig, path)
+
+
+def _log_x(ax, ticks: list[int], label: str) -> None:
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel(label)
 
 
 def _lines(ax, rows: list[dict], key: str, value: str, scale: float = 1.0) -> None:
@@ -281,6 +301,16 @@ def _save(fig, path: Path) -> str:
 
     plt.close(fig)
     return str(path)
+
+
+def replot(out_dir: Path) -> dict:
+    """Tables and plots again from a previous run's curves.json (no measuring)."""
+    path = out_dir / "curves.json"
+    if not path.is_file():
+        raise InputError(f"{path} does not exist: run `jambalab bench curves --out {out_dir}` first")
+    results = json.loads(path.read_text())
+    results["pngs"] = write_plots(results, out_dir)
+    return results
 
 
 def plan_from(quick: bool, **overrides) -> CurvesPlan:

@@ -38,6 +38,7 @@ def add_curves(group) -> None:
     p.add_argument("--tokens", type=int, help="(c) number of generated tokens N")
     p.add_argument("--chunk", type=int, help="prefill chunk (tokens per forward call)")
     p.add_argument("--threads", type=int, help="torch threads per run (default 2)")
+    p.add_argument("--replot", action="store_true", help="no measuring: tables and PNGs again from --out/curves.json")
     p.set_defaults(func=run_curves)
 
 
@@ -62,6 +63,11 @@ def run_curves(args: argparse.Namespace) -> int:
     models = tuple(args.models.split(",")) if args.models else C.MODELS
     for m in models:
         JambaConfig.from_preset(m)  # an unknown preset fails here, before any run
+    if args.replot:
+        results = C.replot(Path(args.out))
+        print(C.tables(results))
+        print("wrote " + ", ".join(results["pngs"]))
+        return 0
     plan = C.plan_from(args.quick, batch_sizes=_ints(args.batch_sizes, "--batch-sizes"),
                        batch_context=args.batch_context, contexts=_ints(args.contexts, "--contexts"),
                        context_batch=args.context_batch, trace_tokens=args.tokens, chunk=args.chunk,
