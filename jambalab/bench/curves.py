@@ -149,6 +149,7 @@ def run_curves(plan: CurvesPlan, out_dir: Path, curves=CURVES, models=MODELS) ->
             results["context"] = context_curve(plan, models, bar)
         if "decode" in curves:
             results["decode"] = decode_trace(plan, models, bar)
+    results["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     (out_dir / "curves.json").write_text(json.dumps(results, indent=1))
     results["pngs"] = write_plots(results, out_dir)
     return results

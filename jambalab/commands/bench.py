@@ -75,8 +75,8 @@ def run_curves(args: argparse.Namespace) -> int:
     results = C.run_curves(plan, Path(args.out), which, models)
     print(C.tables(results))
     m = results["machine"]
-    print(f"\n{m['cpus']} CPUs, load average at the end {m['loadavg']}; wrote {Path(args.out) / 'curves.json'}, "
-          + ", ".join(results["pngs"]))
+    print(f"\n{m['cpus']} CPUs, load average (1, 5, 15 min) at the start {m['loadavg']}, at the end "
+          f"{m['loadavg_end']}; wrote {Path(args.out) / 'curves.json'}, " + ", ".join(results["pngs"]))
     return 0
 
 
