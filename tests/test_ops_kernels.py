@@ -341,6 +341,87 @@ def test_conv_update_steps_equal_full_conv_and_strided_state():
     torch.testing.assert_close(storage[:, :, :d_conv], x[:, -d_conv:].transpose(1, 2))
 
 
+CONV_CASES = [  # (B, L, D, K, with conv_state, with bias)
+    (2, 37, 24, 4, False, True),
+    (3, 5, 40, 4, True, True),  # the state feeds the first K - 1 outputs
+    (1, 2, 16, 4, True, False),  # L < K - 1: every output reads the state
+    (1, 1, 8, 3, True, True),
+    (4, 64, 128, 4, False, False),  # the ablation grid's shape
+    (1, 300, 33, 2, False, True),  # D not a multiple of the SIMD width
+]
+
+
+def conv_grads(fn, x_rows, weight, bias, state, gout):
+    """Forward on x = the first half of x_rows (a strided view, as in the mixer), grads of every input."""
+    leaves = [x_rows.clone().requires_grad_(), weight.clone().requires_grad_()]
+    if bias is not None:
+        leaves.append(bias.clone().requires_grad_())
+    d_inner = weight.shape[0]
+    y = fn(leaves[0][..., :d_inner], leaves[1], leaves[2] if bias is not None else None, state)
+    return y, torch.autograd.grad(y, leaves, gout)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=["B{}-L{}-D{}-K{}-state{}-bias{}".format(*c) for c in CONV_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_conv_matches_reference_with_grads(case, dtype):
+    needs_kernels()
+    bsz, length, d_inner, d_conv, with_state, with_bias = case
+    g = torch.Generator().manual_seed(3)
+    x_rows = torch.randn(bsz, length, 2 * d_inner, generator=g).to(dtype)
+    weight = torch.randn(d_inner, d_conv, generator=g)
+    bias = torch.randn(d_inner, generator=g) if with_bias else None
+    state = torch.randn(bsz, d_inner, d_conv, generator=g).to(dtype) if with_state else None
+    gout = torch.randn(bsz, length, d_inner, generator=g).to(dtype)
+    y, grads = conv_grads(fused.causal_conv1d, x_rows, weight, bias, state, gout)
+    # the reference in fp32 on the same (rounded) inputs
+    y_ref, grads_ref = conv_grads(causal_conv1d_ref, x_rows.float(), weight, bias,
+                                  None if state is None else state.float(), gout.float())
+    assert y.dtype == dtype and y.shape == (bsz, length, d_inner)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
+    assert rel_err(y, y_ref) < tol
+    for got, want in zip(grads, grads_ref):
+        assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_conv_chunks_continue_through_the_state():
+    """Two calls, the second continuing from the state of the first, equal one call."""
+    needs_kernels()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 20, 24, generator=g)
+    weight, bias = torch.randn(24, 4, generator=g), torch.randn(24, generator=g)
+    state = torch.zeros(2, 24, 4)
+    first = ops.causal_conv1d(x[:, :7], weight, bias, state)
+    ops.conv_state_update(state, x[:, :7])
+    second = ops.causal_conv1d(x[:, 7:], weight, bias, state)
+    torch.testing.assert_close(torch.cat([first, second], 1), causal_conv1d_ref(x, weight, bias), rtol=1e-6, atol=1e-6)
+
+
+def test_conv_state_requiring_grad_uses_the_reference():
+    needs_kernels()
+    x = torch.randn(1, 5, 8, requires_grad=True)
+    state = torch.randn(1, 8, 4, requires_grad=True)
+    weight = torch.randn(8, 4)
+    y = fused.causal_conv1d(x, weight, None, state)
+    (gs,) = torch.autograd.grad(y.sum(), [state])
+    state_ref = state.detach().clone().requires_grad_()
+    (gs_ref,) = torch.autograd.grad(causal_conv1d_ref(x, weight, None, state_ref).sum(), [state_ref])
+    torch.testing.assert_close(gs, gs_ref)
+
+
+def test_conv_bad_inputs_raise_input_error():
+    x = torch.rand(2, 6, 24)
+    with pytest.raises(InputError, match=r"causal_conv1d: weight has shape \(12, 4\), expected \(24, 4\)"):
+        ops.causal_conv1d(x, torch.rand(12, 4), None)
+    with pytest.raises(InputError, match=r"bias has shape \(23,\), expected \(24,\)"):
+        ops.causal_conv1d(x, torch.rand(24, 4), torch.rand(23))
+    with pytest.raises(InputError, match=r"conv_state has shape \(2, 24, 3\), expected \(2, 24, 4\)"):
+        ops.causal_conv1d(x, torch.rand(24, 4), None, torch.rand(2, 24, 3))
+    with pytest.raises(InputError, match=r"x must be \(batch, length, d_inner\)"):
+        ops.causal_conv1d(torch.rand(6, 24), torch.rand(24, 4), None)
+    with pytest.raises(InputError, match=r"x has dtype torch.int64"):
+        ops.causal_conv1d(x.long(), torch.rand(24, 4), None)
+
+
 def test_ops_trace_under_torch_compile():
     """Fake (shape-only) kernels let dynamo/AOT trace the ops; aot_eager skips inductor's slow codegen."""
     needs_kernels()
@@ -454,6 +535,7 @@ def test_env_var_forces_the_reference(monkeypatch):
         assert ops.selective_scan is ops.selective_scan_ref
         assert ops.selective_state_update is ops.selective_state_update_ref
         assert ops.causal_conv1d_update is ops.causal_conv1d_update_ref
+        assert ops.causal_conv1d is ops.causal_conv1d_ref
     finally:
         monkeypatch.delenv("JAMBALAB_KERNELS")
         importlib.reload(ops)

@@ -3,13 +3,12 @@ available, else the pure-PyTorch reference twin (jambalab.ops.*_ref).
 
 Legend: B batch, L length, D d_inner, N d_state, K d_conv.
 
-- selective_scan, selective_state_update, causal_conv1d_update: the fused CPU
+- selective_scan, causal_conv1d, selective_state_update, causal_conv1d_update: the fused CPU
   kernels of jambalab/ops/fused.py. They check their inputs (InputError), run
   the C++ kernels for CPU tensors and the reference for any other device. The
   C++ is compiled once per machine at the first CPU call (cached under
   ~/.cache/jambalab/torch_extensions, see jambalab/ops/cpu.py); if it cannot
   be built, one RuntimeWarning is issued and the references are used.
-- causal_conv1d: the reference (F.conv1d is already a fused op).
 
 Environment: JAMBALAB_KERNELS=ref binds the pure-PyTorch references directly
 (no compile, no extra checks), e.g. to rule the kernels out when debugging.
@@ -27,14 +26,13 @@ from jambalab.ops.scan_ref import selective_scan_ref, selective_state_update_ref
 
 KERNELS_ENV = "JAMBALAB_KERNELS"
 
-causal_conv1d = causal_conv1d_ref
-
 if os.environ.get(KERNELS_ENV, "").strip().lower() == "ref":
+    causal_conv1d = causal_conv1d_ref
     selective_scan = selective_scan_ref
     selective_state_update = selective_state_update_ref
     causal_conv1d_update = causal_conv1d_update_ref
 else:
-    from jambalab.ops.fused import causal_conv1d_update, selective_scan, selective_state_update
+    from jambalab.ops.fused import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 
 __all__ = [
     "selective_scan",

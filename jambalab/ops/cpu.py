@@ -9,7 +9,7 @@ where <key> hashes the sources, the compile flags, the torch and Python
 versions and this CPU's model and feature flags: a `-march=native` binary is
 never reused on another CPU, and a cached one loads without ninja or a compiler.
 Its ops live in `torch.ops.jambalab_kernels` (scan_fwd, scan_bwd,
-state_update, conv_update); jambalab/ops/fused.py wraps them.
+state_update, conv_update, conv_fwd, conv_bwd); jambalab/ops/fused.py wraps them.
 
 `kernels()` tries once per process. If the build fails it warns once and
 returns None, and the callers use the pure-PyTorch references. A build killed
@@ -100,7 +100,13 @@ def _register_fakes() -> None:
     def conv_update(x, conv_state, weight, bias):
         return x.new_empty(conv_state.shape[:2])
 
-    for fn in (scan_fwd, scan_bwd, state_update, conv_update):
+    def conv_fwd(x, weight, bias, conv_state):
+        return x.new_empty(x.shape)
+
+    def conv_bwd(x, weight, bias, conv_state, dout):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
+
+    for fn in (scan_fwd, scan_bwd, state_update, conv_update, conv_fwd, conv_bwd):
         torch.library.register_fake(f"{_LIB}::{fn.__name__}", fn)
 
 
@@ -160,8 +166,10 @@ def _digest(path: Path) -> str:
 
 def _compile_flags() -> list[str]:
     # -fopenmp links libgomp.so.1, the soname torch's wheel ships, so both share one thread pool.
+    # -fno-trapping-math: we never unmask FP exceptions, and without it GCC will not if-convert
+    # float compares (the clamps in causal_conv1d.cpp's exp), so those loops stay scalar.
     arch = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
-    return ["-O3", arch, "-fopenmp"]
+    return ["-O3", arch, "-fopenmp", "-fno-trapping-math"]
 
 
 def _build_key(sources: list[Path], flags: list[str]) -> str:

@@ -11,6 +11,8 @@ when all tensors are on the CPU and the kernels built; otherwise the reference.
   (a reverse-time pass over checkpoints saved every `chunk_size` steps; no
   double backward). Activations may be float32, bfloat16 or float16 (float16
   and mixed dtypes are computed in float32); the state is always float32.
+- causal_conv1d: silu(depthwise causal conv) over (B, L, D), differentiable
+  in x, weight and bias (a conv_state that requires grad runs the reference).
 - selective_state_update / causal_conv1d_update: inference only; under grad
   mode with an input that requires grad they run the reference instead.
 """
@@ -23,7 +25,7 @@ import torch
 
 from jambalab.errors import InputError
 from jambalab.ops import cpu
-from jambalab.ops.conv_ref import causal_conv1d_update_ref
+from jambalab.ops.conv_ref import causal_conv1d_ref, causal_conv1d_update_ref
 from jambalab.ops.scan_ref import selective_scan_ref, selective_state_update_ref
 
 Tensor = torch.Tensor
@@ -102,6 +104,22 @@ def _check_state_update(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, 
     for name, t in (("B", B), ("C", C)):
         _check_shape(op, name, t, (bsz, d_state), basis)
     _check_shape(op, "D", D, (d_inner,), basis)
+
+
+def _check_conv(x: Tensor, weight: Tensor, bias: Opt, conv_state: Opt) -> None:
+    op = "causal_conv1d"
+    _check_floats(op, dict(x=x, weight=weight), dict(bias=bias, conv_state=conv_state))
+    _check_dim(op, "x", x, "batch, length, d_inner")
+    _check_dim(op, "weight", weight, "d_inner, d_conv")
+    bsz, _, d_inner = x.shape
+    d_conv = weight.shape[1]
+
+    def basis() -> str:
+        return f"from x {tuple(x.shape)} and weight {tuple(weight.shape)}"
+
+    _check_shape(op, "weight", weight, (d_inner, d_conv), lambda: f"d_inner from x {tuple(x.shape)}")
+    _check_shape(op, "bias", bias, (d_inner,), basis)
+    _check_shape(op, "conv_state", conv_state, (bsz, d_inner, d_conv), basis)
 
 
 def _check_conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Opt) -> None:
@@ -231,6 +249,51 @@ def selective_scan(
     else:
         y, h_last, _ = ops.scan_fwd(*args, chunk_size, False)
     return _as(y, x.dtype), h_last
+
+
+# ---------------------------------------------------------------- causal conv1d (+ silu)
+
+_MAX_D_CONV = 16  # kMaxTaps in causal_conv1d.cpp
+
+
+class _CausalConv1dFn(torch.autograd.Function):
+    """Kernel-level conv on prepared inputs (x rows in a kernel dtype, fp32 weight and bias)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv_state):
+        ctx.save_for_backward(x, weight, bias, conv_state)
+        return cpu.kernels().conv_fwd(x, weight, bias, conv_state)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        x, weight, bias, conv_state = ctx.saved_tensors
+        dx, dw, db = cpu.kernels().conv_bwd(x, weight, bias, conv_state, _dense(dout, x.dtype))
+        need = ctx.needs_input_grad
+        return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None
+
+
+def causal_conv1d(
+    x: Tensor,  # (B, L, D)
+    weight: Tensor,  # (D, K)
+    bias: Tensor | None,  # (D,)
+    conv_state: Tensor | None = None,  # (B, D, K): the last K inputs before x (None = zeros)
+) -> Tensor:
+    """silu(depthwise causal conv(x)), continuing from conv_state (not modified). (B, L, D) in x.dtype."""
+    _check_conv(x, weight, bias, conv_state)
+    ops = _kernels_for(x, weight, bias, conv_state)
+    if ops is None or weight.shape[1] > _MAX_D_CONV or (conv_state is not None and _needs_grad(conv_state)):
+        return causal_conv1d_ref(x, weight, bias, conv_state)
+    act = x.dtype if x.dtype in _KERNEL_DTYPES else torch.float32
+    xr = _rows(x, act)
+    if xr.shape[0] > 1 and xr.stride(0) != xr.shape[1] * xr.stride(1):
+        xr = xr.contiguous()  # rows must be evenly strided across the batch
+    args = (xr, _as(weight, torch.float32).contiguous(), _f32(bias), _dense(conv_state, act))
+    if _needs_grad(x, weight, bias):
+        out = _CausalConv1dFn.apply(*args)  # grads reach a non-fp32 weight/bias through the casts above
+    else:
+        out = ops.conv_fwd(*args)
+    return _as(out, x.dtype)
 
 
 # ---------------------------------------------------------------- decode steps
