@@ -87,9 +87,10 @@ def parse_only(only: str | None) -> list[str]:
 # MQAR (Zoology): context length L -> K key-value pairs, K = L / 4 (the pairs fill half of the
 # context, every key is asked once in the other half). Training cycles through the lengths, one
 # length per step; each length is scored on held-out samples. docs/ablations.md says why.
-MQAR_POINTS = {64: 16, 128: 32, 256: 64}
-MQAR_VOCAB = 256  # ids 3..255: 126 keys, 126 values
+MQAR_POINTS = {32: 4, 64: 8, 128: 16}
+MQAR_VOCAB = 35  # ids 3..34: 16 keys, 16 values
 PASSKEY_LENGTHS = (128, 256, 512)
+TOKENS_PER_STEP = 2048
 LM_SEQ_LEN = 256
 
 
@@ -105,7 +106,7 @@ class Setup:
     params: dict = field(default_factory=dict)  # task sizes, recorded with each result
 
 
-def make_setup(task: str, seed: int = 0, data: str | None = None, tokens_per_step: int = 4096,
+def make_setup(task: str, seed: int = 0, data: str | None = None, tokens_per_step: int = TOKENS_PER_STEP,
                cache_dir: Path | None = None) -> Setup:
     if task == "mqar":
         points = {n: MQAR(n_pairs=k, vocab_size=MQAR_VOCAB) for n, k in MQAR_POINTS.items()}
@@ -341,7 +342,7 @@ def load_finished(run_dir: Path, settings: dict) -> dict | None:
 
 
 def run_grid(names: list[str], task: str, budget_s: float, out: Path | None = None, seed: int = 0,
-             hp: TrainHParams | None = None, data: str | None = None, tokens_per_step: int = 4096,
+             hp: TrainHParams | None = None, data: str | None = None, tokens_per_step: int = TOKENS_PER_STEP,
              eval_samples: int = 256, clock: str = "cpu", base: dict | None = None,
              log: Callable[[str], None] = print) -> list[dict]:
     """Train and score each named run on one task. With out, each run is kept in out/<task>-<name>/,

@@ -116,9 +116,10 @@ def activation_bytes(cfg: JambaConfig, chunk: int, batch: int, dtype: str, conte
       mamba      in_proj output 2D, conv output D, dt D, the gate z copied to rows D, the fused scan's
                  output D (jambalab.ops.fused; the pure-PyTorch reference scan holds more), x_proj
                  output R + 2N, out_proj output d
-      mlp        gate, up and their product 3F, down output d (plus the block's normed input d)
+      mlp        gate and up 2F (SwiGLU runs in place at inference, jambalab.model.swiglu), down
+                 output d, plus the block's normed input d
       moe        tokens gathered K*d, expert outputs and their weighted copy 2K*d, scatter target d,
-                 each expert's 3F intermediates over its share c*K/E of the tokens (balanced router)
+                 each expert's 2F intermediates over its share c*K/E of the tokens (balanced router)
     A chunk after the first attends over cached keys with an explicit boolean causal mask, built
     per block of query rows (1 byte per entry). The logits: B * V * logits_to_keep (0 = every
     position of the chunk, as HF generate computed them for Llama/Mixtral in 2024), in the compute
@@ -156,10 +157,10 @@ def _layer_bytes(cfg: JambaConfig, s: int) -> list[int]:
     if cfg.d_ff:
         F = cfg.d_ff
         if cfg.n_layers > cfg.n_moe_layers:  # some layer keeps a dense MLP
-            kinds.append((3 * F + 2 * d) * s)
+            kinds.append((2 * F + 2 * d) * s)
         if cfg.n_moe_layers:
             share = cfg.top_k / cfg.n_experts
-            kinds.append(int((3 * cfg.top_k * d + 2 * d + 3 * F * share) * s) + cfg.n_experts * (s + 4))
+            kinds.append(int((3 * cfg.top_k * d + 2 * d + 2 * F * share) * s) + cfg.n_experts * (s + 4))
     return kinds
 
 

@@ -60,7 +60,7 @@ class Plan:
     # (B, D, L, N) gradient per step: quadratic in L (~10 min at L = 2048 on this machine).
     # Its fwd+bwd is timed at this length and scaled linearly to the scan's L, which
     # UNDER-states HF's time at L, so the speedup printed is a lower bound.
-    hf_scan_bwd_length: int = 256
+    hf_scan_bwd_length: int = 512
     prefill_lengths: tuple[int, ...] = (512, 2048, 8192)
     train_shape: tuple[int, int] = (1, 512)  # (batch, seq)
     decode_prompt: int = 512
