@@ -274,7 +274,7 @@ class MambaMixer(nn.Module):
         if self.dt_norm is not None:
             dt, B, C = self.dt_norm(dt), self.b_norm(B), self.c_norm(C)
         dt = F.linear(dt, self.dt_proj.weight)  # bias added after, in dt's dtype, as HF
-        dt = F.softplus(dt + self.dt_proj.bias.to(dt.dtype))  # (B, L, D)
+        dt = ops.dt_softplus(dt, self.dt_proj.bias)  # softplus(dt + bias): (B, L, D)
         return dt, B, C
 
     def _step(self, xs: torch.Tensor, z: torch.Tensor, state: MambaState, conv_w: torch.Tensor,

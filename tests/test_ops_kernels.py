@@ -422,6 +422,39 @@ def test_conv_bad_inputs_raise_input_error():
         ops.causal_conv1d(x.long(), torch.rand(24, 4), None)
 
 
+@pytest.mark.parametrize("shape", [(2, 37, 24), (1, 5), (3, 1, 33)], ids=["B2-L37-D24", "L1-D5", "B3-L1-D33"])
+def test_dt_softplus_matches_reference_with_grads(shape):
+    needs_kernels()
+    g = torch.Generator().manual_seed(5)
+    dt = (8 * torch.randn(*shape, generator=g)).requires_grad_()  # both tails of softplus
+    bias = torch.randn(shape[-1], generator=g).requires_grad_()
+    y = fused.dt_softplus(dt, bias)
+    gout = torch.randn(y.shape, generator=g)
+    grads = torch.autograd.grad(y, (dt, bias), gout)
+    dt_r, bias_r = dt.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    y_r = ops.dt_softplus_ref(dt_r, bias_r)
+    grads_r = torch.autograd.grad(y_r, (dt_r, bias_r), gout)
+    assert rel_err(y, y_r) < 1e-6
+    for got, want in zip(grads, grads_r):
+        assert rel_err(got, want) < 1e-6
+
+
+def test_dt_softplus_accuracy_over_its_range():
+    needs_kernels()
+    x = torch.linspace(-87, 40, 100_001)
+    want = F.softplus(x.double())
+    got = fused.dt_softplus(x[:, None], torch.zeros(1))[:, 0].double()
+    assert ((got - want).abs() / want).max() < 5e-6  # fp32 rounding of x * log2(e), no more
+    assert (fused.dt_softplus(torch.tensor([[-1e4, 1e4]]), torch.zeros(2)) == torch.tensor([[0.0, 1e4]])).all()
+
+
+def test_dt_softplus_bf16_and_bad_input():
+    x, b = torch.randn(3, 8).bfloat16(), torch.randn(8)
+    torch.testing.assert_close(fused.dt_softplus(x, b), F.softplus(x + b.bfloat16()), rtol=0, atol=0)  # HF's rounding
+    with pytest.raises(InputError, match=r"dt_softplus: bias must be \(D,\)"):
+        fused.dt_softplus(torch.randn(3, 8), torch.randn(7))
+
+
 def test_ops_trace_under_torch_compile():
     """Fake (shape-only) kernels let dynamo/AOT trace the ops; aot_eager skips inductor's slow codegen."""
     needs_kernels()
@@ -536,6 +569,7 @@ def test_env_var_forces_the_reference(monkeypatch):
         assert ops.selective_state_update is ops.selective_state_update_ref
         assert ops.causal_conv1d_update is ops.causal_conv1d_update_ref
         assert ops.causal_conv1d is ops.causal_conv1d_ref
+        assert ops.dt_softplus is ops.dt_softplus_ref
     finally:
         monkeypatch.delenv("JAMBALAB_KERNELS")
         importlib.reload(ops)

@@ -26,7 +26,7 @@ import torch
 from jambalab.errors import InputError
 from jambalab.ops import cpu
 from jambalab.ops.conv_ref import causal_conv1d_ref, causal_conv1d_update_ref
-from jambalab.ops.scan_ref import selective_scan_ref, selective_state_update_ref
+from jambalab.ops.scan_ref import dt_softplus_ref, selective_scan_ref, selective_state_update_ref
 
 Tensor = torch.Tensor
 Opt = Tensor | None
@@ -294,6 +294,40 @@ def causal_conv1d(
     else:
         out = ops.conv_fwd(*args)
     return _as(out, x.dtype)
+
+
+# ---------------------------------------------------------------- softplus(dt + bias)
+
+
+class _DtSoftplusFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dt, bias):
+        ctx.save_for_backward(dt, bias)
+        return cpu.kernels().dt_softplus_fwd(dt, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        dt, bias = ctx.saved_tensors
+        grad = cpu.kernels().dt_softplus_bwd(dt, bias, _f32(dout))
+        need = ctx.needs_input_grad
+        return grad if need[0] else None, grad.reshape(-1, bias.shape[0]).sum(0) if need[1] else None
+
+
+def dt_softplus(dt: Tensor, bias: Tensor) -> Tensor:
+    """softplus(dt + bias) over the last dim (..., D). float32 runs the fused kernel, other dtypes the
+    reference (which rounds dt + bias to the dtype before the softplus, as HF)."""
+    if not isinstance(dt, Tensor) or not isinstance(bias, Tensor) or bias.dim() != 1 or dt.dim() < 1 \
+            or dt.shape[-1] != bias.shape[0]:
+        raise InputError(f"dt_softplus: bias must be (D,) with D = dt's last dim; got dt "
+                         f"{tuple(getattr(dt, 'shape', ()))}, bias {tuple(getattr(bias, 'shape', ()))}")
+    ops = _kernels_for(dt, bias)
+    if ops is None or dt.dtype != torch.float32 or bias.dtype != torch.float32:
+        return dt_softplus_ref(dt, bias)
+    dt_c = dt if dt.is_contiguous() else dt.contiguous()
+    if _needs_grad(dt, bias):
+        return _DtSoftplusFn.apply(dt_c, bias if bias.is_contiguous() else bias.contiguous())
+    return ops.dt_softplus_fwd(dt_c, bias if bias.is_contiguous() else bias.contiguous())
 
 
 # ---------------------------------------------------------------- decode steps

@@ -78,3 +78,8 @@ def selective_state_update_ref(
     h.mul_(dA).add_(dBx)
     y = torch.einsum("bdn,bn->bd", h, C.float())
     return _skip_and_gate(y, x, D, z)
+
+
+def dt_softplus_ref(dt: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The mixer's time step: softplus(dt + bias), the bias cast to dt's dtype first (HF's order). (..., D)."""
+    return torch.nn.functional.softplus(dt + bias.to(dt.dtype))
