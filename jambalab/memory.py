@@ -124,7 +124,7 @@ def activation_bytes(cfg: JambaConfig, chunk: int, batch: int, dtype: str, conte
     per block of query rows (1 byte per entry). The logits: B * V * logits_to_keep (0 = every
     position of the chunk, as HF generate computed them for Llama/Mixtral in 2024), in the compute
     dtype plus their fp32 copy.
-    Within 0.9-1.3x of the measured peak on 8 small configs (docs/memory.md); tests/test_memory.py
+    Within 0.85-1.3x of the measured peak on 8 small configs (docs/memory.md); tests/test_memory.py
     checks one within a factor of 2.
     """
     context = chunk if context is None else context
