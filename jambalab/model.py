@@ -66,14 +66,22 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate, inplace=True).mul_(up)
 
 
+class Linear(nn.Linear):
+    """nn.Linear through ops.linear: a multithreaded GEMV kernel for decode-sized inputs (same parameters,
+    same state-dict keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, d: int, f: int):
         super().__init__()
-        self.gate_proj = nn.Linear(d, f, bias=False)
-        self.up_proj = nn.Linear(d, f, bias=False)
-        self.down_proj = nn.Linear(f, d, bias=False)
+        self.gate_proj = Linear(d, f, bias=False)
+        self.up_proj = Linear(d, f, bias=False)
+        self.down_proj = Linear(f, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x))), None
@@ -89,7 +97,7 @@ class MoE(nn.Module):
     def __init__(self, d: int, f: int, n_experts: int, top_k: int):
         super().__init__()
         self.top_k = top_k
-        self.router = nn.Linear(d, n_experts, bias=False)
+        self.router = Linear(d, n_experts, bias=False)
         self.w_gate = nn.Parameter(torch.empty(n_experts, f, d))
         self.w_up = nn.Parameter(torch.empty(n_experts, f, d))
         self.w_down = nn.Parameter(torch.empty(n_experts, d, f))
@@ -120,7 +128,7 @@ class MoE(nn.Module):
         # index_select, not h[token]: same rows, but its backward is index_add_ (3x faster than index_put_).
         for e, xs in enumerate(torch.split(h.index_select(0, token), counts)):
             if counts[e]:
-                outs.append(F.linear(swiglu(F.linear(xs, gates[e]), F.linear(xs, ups[e])), downs[e]))
+                outs.append(ops.linear(swiglu(ops.linear(xs, gates[e]), ops.linear(xs, ups[e])), downs[e]))
         y = torch.cat(outs) * weights.reshape(-1)[order, None]  # (T*K, d)
         return torch.zeros_like(h).index_add_(0, token, y.to(h.dtype))
 
@@ -133,7 +141,7 @@ class MoE(nn.Module):
         out = None
         for k in sorted(range(len(ids)), key=ids.__getitem__):
             e = ids[k]
-            y = F.linear(swiglu(F.linear(h, self.w_gate[e]), F.linear(h, self.w_up[e])), self.w_down[e])
+            y = ops.linear(swiglu(ops.linear(h, self.w_gate[e]), ops.linear(h, self.w_up[e])), self.w_down[e])
             y = y * weights[0, k]
             out = y if out is None else out + y
         return out.to(h.dtype)
@@ -180,10 +188,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.rope_theta = cfg.rope_theta if cfg.rope else None
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.hd, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.hd, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * self.hd, cfg.d_model, bias=False)
+        self.q_proj = Linear(cfg.d_model, cfg.n_heads * self.hd, bias=False)
+        self.k_proj = Linear(cfg.d_model, cfg.n_kv_heads * self.hd, bias=False)
+        self.v_proj = Linear(cfg.d_model, cfg.n_kv_heads * self.hd, bias=False)
+        self.o_proj = Linear(cfg.n_heads * self.hd, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, state: AttentionState | None, past: int,
                 key_mask: torch.Tensor | None, pos: torch.Tensor | None) -> torch.Tensor:
@@ -232,13 +240,13 @@ class MambaMixer(nn.Module):
         super().__init__()
         d, D, N, R = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank
         self.d_inner, self.d_state, self.dt_rank = D, N, R
-        self.in_proj = nn.Linear(d, 2 * D, bias=cfg.mamba_proj_bias)
+        self.in_proj = Linear(d, 2 * D, bias=cfg.mamba_proj_bias)
         self.conv1d = nn.Conv1d(D, D, cfg.d_conv, groups=D, padding=cfg.d_conv - 1, bias=cfg.mamba_conv_bias)
-        self.x_proj = nn.Linear(D, R + 2 * N, bias=False)
-        self.dt_proj = nn.Linear(R, D, bias=True)
+        self.x_proj = Linear(D, R + 2 * N, bias=False)
+        self.dt_proj = Linear(R, D, bias=True)
         self.A_log = nn.Parameter(torch.empty(D, N))
         self.D = nn.Parameter(torch.empty(D))
-        self.out_proj = nn.Linear(D, d, bias=cfg.mamba_proj_bias)
+        self.out_proj = Linear(D, d, bias=cfg.mamba_proj_bias)
         if cfg.mamba_inner_norm == "none":
             self.dt_norm = self.b_norm = self.c_norm = None
         else:
@@ -273,7 +281,7 @@ class MambaMixer(nn.Module):
         dt, B, C = torch.split(self.x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.dt_norm is not None:
             dt, B, C = self.dt_norm(dt), self.b_norm(B), self.c_norm(C)
-        dt = F.linear(dt, self.dt_proj.weight)  # bias added after, in dt's dtype, as HF
+        dt = ops.linear(dt, self.dt_proj.weight)  # bias added after, in dt's dtype, as HF
         dt = ops.dt_softplus(dt, self.dt_proj.bias)  # softplus(dt + bias): (B, L, D)
         return dt, B, C
 
@@ -327,7 +335,7 @@ class JambaLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 

@@ -107,7 +107,7 @@ def quantize_int8(model: JambaLM) -> JambaLM:
 
 
 def _should_quantize(parent: nn.Module, name: str, child: nn.Module) -> bool:
-    if type(child) is not nn.Linear:
+    if not isinstance(child, nn.Linear) or isinstance(child, Int8Linear):
         return False
     if isinstance(parent, JambaLM) and name == "lm_head":
         return False

@@ -455,6 +455,41 @@ def test_dt_softplus_bf16_and_bad_input():
         fused.dt_softplus(torch.randn(3, 8), torch.randn(7))
 
 
+@pytest.mark.parametrize("rows,k,n,bias", [(1, 256, 4099, False), (1, 33, 7, True), (3, 256, 1024, True),
+                                           (4, 513, 130, False), (2, 16, 512, True)])
+def test_linear_gemv_matches_f_linear(rows, k, n, bias):
+    needs_kernels()
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(rows, 1, k, generator=g), torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    y = fused.linear(x, w, b)
+    assert y.shape == (rows, 1, n)
+    assert rel_err(y, F.linear(x, w, b)) < 1e-6
+
+
+def test_linear_uses_f_linear_for_grads_and_large_inputs(monkeypatch):
+    needs_kernels()
+    calls = []
+    real = cpu.kernels()
+
+    class Spy:
+        def __getattr__(self, name):
+            if name == "gemv":
+                calls.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(cpu, "kernels", lambda: Spy())
+    w = torch.randn(8, 16, requires_grad=True)
+    fused.linear(torch.randn(1, 16), w).sum().backward()  # autograd: F.linear
+    assert calls == [] and w.grad is not None
+    fused.linear(torch.randn(5, 16), w.detach())  # 5 rows: F.linear (GEMM territory)
+    fused.linear(torch.randn(1, 16).bfloat16(), w.detach().bfloat16())  # not float32
+    fused.linear(torch.randn(1, 16), w.detach().t().contiguous().t())  # a non-contiguous weight
+    assert calls == []
+    fused.linear(torch.randn(2, 16), w.detach())
+    assert calls == ["gemv"]
+
+
 def test_ops_trace_under_torch_compile():
     """Fake (shape-only) kernels let dynamo/AOT trace the ops; aot_eager skips inductor's slow codegen."""
     needs_kernels()
@@ -570,6 +605,7 @@ def test_env_var_forces_the_reference(monkeypatch):
         assert ops.causal_conv1d_update is ops.causal_conv1d_update_ref
         assert ops.causal_conv1d is ops.causal_conv1d_ref
         assert ops.dt_softplus is ops.dt_softplus_ref
+        assert ops.linear is F.linear
     finally:
         monkeypatch.delenv("JAMBALAB_KERNELS")
         importlib.reload(ops)

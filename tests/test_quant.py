@@ -8,7 +8,7 @@ import torch
 import jambalab
 from jambalab import JambaConfig, JambaLM
 from jambalab.generate import generate
-from jambalab.model import MambaMixer, MoE
+from jambalab.model import Linear, MambaMixer, MoE
 from jambalab.quant import Int8Linear, Int8MoE, load_int8, logit_drift, quantize_int8, quantize_per_channel, weight_bytes
 
 
@@ -41,15 +41,15 @@ def test_int8_linear_is_close_to_the_float_linear():
 
 def test_swaps_exactly_the_intended_modules(pair):
     _, q = pair
-    assert type(q.lm_head) is torch.nn.Linear and type(q.embed) is torch.nn.Embedding
+    assert type(q.lm_head) is Linear and type(q.embed) is torch.nn.Embedding
     for m in q.modules():
         if isinstance(m, MambaMixer):
             assert isinstance(m.in_proj, Int8Linear) and isinstance(m.out_proj, Int8Linear)
-            assert type(m.x_proj) is torch.nn.Linear and type(m.dt_proj) is torch.nn.Linear
+            assert type(m.x_proj) is Linear and type(m.dt_proj) is Linear
             assert m.A_log.dtype == torch.float32 and m.D.dtype == torch.float32
             assert m.conv1d.weight.dtype == torch.float32
         if isinstance(m, MoE):
-            assert isinstance(m, Int8MoE) and type(m.router) is torch.nn.Linear
+            assert isinstance(m, Int8MoE) and type(m.router) is Linear
             assert m.w_gate.dtype == torch.int8 and m.w_gate_scale.shape == m.w_gate.shape[:2]
     attn = next(b.mixer for b in q.layers if b.is_attention)
     assert all(isinstance(getattr(attn, n), Int8Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))

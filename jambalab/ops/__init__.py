@@ -3,7 +3,7 @@ available, else the pure-PyTorch reference twin (jambalab.ops.*_ref).
 
 Legend: B batch, L length, D d_inner, N d_state, K d_conv.
 
-- selective_scan, causal_conv1d, dt_softplus, selective_state_update, causal_conv1d_update: the fused CPU
+- selective_scan, causal_conv1d, dt_softplus, linear, selective_state_update, causal_conv1d_update: the fused CPU
   kernels of jambalab/ops/fused.py. They check their inputs (InputError), run
   the C++ kernels for CPU tensors and the reference for any other device. The
   C++ is compiled once per machine at the first CPU call (cached under
@@ -21,6 +21,8 @@ tests may rebind them.
 
 import os
 
+import torch
+
 from jambalab.ops.conv_ref import causal_conv1d_ref, causal_conv1d_update_ref, conv_state_update
 from jambalab.ops.scan_ref import dt_softplus_ref, selective_scan_ref, selective_state_update_ref
 
@@ -29,6 +31,7 @@ KERNELS_ENV = "JAMBALAB_KERNELS"
 if os.environ.get(KERNELS_ENV, "").strip().lower() == "ref":
     causal_conv1d = causal_conv1d_ref
     dt_softplus = dt_softplus_ref
+    linear = torch.nn.functional.linear
     selective_scan = selective_scan_ref
     selective_state_update = selective_state_update_ref
     causal_conv1d_update = causal_conv1d_update_ref
@@ -37,6 +40,7 @@ else:
         causal_conv1d,
         causal_conv1d_update,
         dt_softplus,
+        linear,
         selective_scan,
         selective_state_update,
     )
@@ -49,6 +53,7 @@ __all__ = [
     "conv_state_update",
     "dt_softplus",
     "dt_softplus_ref",
+    "linear",
     "selective_scan_ref",
     "selective_state_update_ref",
     "causal_conv1d_ref",

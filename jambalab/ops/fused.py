@@ -13,6 +13,7 @@ when all tensors are on the CPU and the kernels built; otherwise the reference.
   and mixed dtypes are computed in float32); the state is always float32.
 - causal_conv1d: silu(depthwise causal conv) over (B, L, D), differentiable
   in x, weight and bias (a conv_state that requires grad runs the reference).
+- linear: F.linear, with a multithreaded GEMV kernel for decode-sized inputs.
 - selective_state_update / causal_conv1d_update: inference only; under grad
   mode with an input that requires grad they run the reference instead.
 """
@@ -328,6 +329,27 @@ def dt_softplus(dt: Tensor, bias: Tensor) -> Tensor:
     if _needs_grad(dt, bias):
         return _DtSoftplusFn.apply(dt_c, bias if bias.is_contiguous() else bias.contiguous())
     return ops.dt_softplus_fwd(dt_c, bias if bias.is_contiguous() else bias.contiguous())
+
+
+# ---------------------------------------------------------------- linear (GEMV for decoding)
+
+_GEMV_MAX_ROWS = 4  # kMaxRows in gemv.cpp
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear; for decode-sized inputs (<= 4 rows, float32, CPU, no autograd) the multithreaded
+    GEMV kernel of gemv.cpp, which reads the weight at the memory bandwidth of all cores."""
+    if (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() >= 1 and weight.dim() == 2
+            and x.shape[-1] == weight.shape[1] > 0 and 0 < x.numel() <= _GEMV_MAX_ROWS * x.shape[-1]
+            and x.is_cpu and weight.is_cpu and weight.is_contiguous()
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+            and not _needs_grad(x, weight, bias)):
+        ops = cpu.kernels()
+        if ops is not None:
+            rows = x.reshape(-1, x.shape[-1])
+            y = ops.gemv(rows if rows.is_contiguous() else rows.contiguous(), weight, bias)  # (R, N)
+            return y.view(*x.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 # ---------------------------------------------------------------- decode steps

@@ -1,0 +1,114 @@
+// Matrix-vector products for decoding: y (R, N) = x (R, K) @ W (N, K)^T + bias, R <= 4 rows.
+// The pure-PyTorch twin is F.linear; jambalab/ops/fused.py's `linear` picks this for small R.
+//
+// Legend: R rows of x (batch x new tokens), K in_features, N out_features, W SIMD lanes.
+//
+// Why: a decode step is a chain of GEMVs that read every weight once, so its speed is the
+// memory bandwidth. torch's mm (MKL) ran these single-threaded at ~7 GB/s on the 2-core
+// machine, where the two cores together read ~30 GB/s; the lm_head of bench-hybrid alone
+// (65536 x 256, 64 MiB) took 9.4 ms of a 20 ms step. Here output rows are split over the
+// threads, each row is one sequential stream, and the K loop runs on explicit SIMD vectors
+// (GCC will not vectorise a float reduction without -ffast-math).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+constexpr int W = kVecBytes / 4;
+constexpr int kMaxRows = 4;
+typedef float vf __attribute__((vector_size(kVecBytes)));
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float hsum(vf v) {
+  float s[W];
+  std::memcpy(s, &v, sizeof v);
+  float t = 0.0f;
+  for (int i = 0; i < W; ++i) t += s[i];
+  return t;
+}
+
+// One output row o for the R rows of x: a single sequential stream through W's row (the hardware
+// prefetcher's best case; a row is re-read from L1 for r > 0), four independent accumulators
+// so that the FMA latency is hidden.
+template <int R>
+inline void one_output(const float* x, const float* w, int64_t K, int64_t o, float* y, int64_t N) {
+  const float* wo = w + o * K;
+  for (int r = 0; r < R; ++r) {
+    const float* xr = x + r * K;
+    vf a0{}, a1{}, a2{}, a3{};
+    int64_t k = 0;
+    for (; k + 4 * W <= K; k += 4 * W) {
+      a0 += load(wo + k) * load(xr + k);
+      a1 += load(wo + k + W) * load(xr + k + W);
+      a2 += load(wo + k + 2 * W) * load(xr + k + 2 * W);
+      a3 += load(wo + k + 3 * W) * load(xr + k + 3 * W);
+    }
+    for (; k + W <= K; k += W) a0 += load(wo + k) * load(xr + k);
+    float t = hsum((a0 + a1) + (a2 + a3));
+    for (; k < K; ++k) t += wo[k] * xr[k];
+    y[r * N + o] = t;
+  }
+}
+
+template <int R>
+void gemv_rows(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N) {
+  // Each task reads >= ~64 KiB of W: smaller ones cost more in the fork than they save.
+  const int64_t grain = std::max<int64_t>(4, 16384 / std::max<int64_t>(1, K));
+  at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t o = lo; o < hi; ++o) one_output<R>(x, w, K, o, y, N);
+    if (bias) {
+      for (int r = 0; r < R; ++r)
+        for (int64_t j = lo; j < hi; ++j) y[r * N + j] += bias[j];
+    }
+  });
+}
+
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "gemv: float32 only");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "gemv: x must be contiguous (R, K)");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "gemv: weight must be contiguous (N, K)");
+  const int64_t R = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K, "gemv: x ", x.sizes(), " and weight ", weight.sizes(), " disagree on K");
+  TORCH_CHECK(R >= 1 && R <= kMaxRows, "gemv: 1 to ", kMaxRows, " rows, got ", R);
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "gemv: bias must be contiguous float32 (N,)");
+  }
+  auto y = at::empty({R, N}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  switch (R) {
+    case 1: gemv_rows<1>(xp, wp, bp, yp, K, N); break;
+    case 2: gemv_rows<2>(xp, wp, bp, yp, K, N); break;
+    case 3: gemv_rows<3>(xp, wp, bp, yp, K, N); break;
+    default: gemv_rows<4>(xp, wp, bp, yp, K, N); break;
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(jambalab_kernels, m) { m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(jambalab_kernels, CPU, m) { m.impl("gemv", &gemv); }
