@@ -490,6 +490,28 @@ def test_linear_uses_f_linear_for_grads_and_large_inputs(monkeypatch):
     assert calls == ["gemv"]
 
 
+@pytest.mark.parametrize("shape,with_weight", [((1, 1, 256), True), ((3, 17), False), ((2048, 256), True),
+                                               ((1, 16), True), ((5, 1), True)])
+def test_rms_norm_matches_reference(shape, with_weight):
+    needs_kernels()
+    g = torch.Generator().manual_seed(7)
+    x = 3 * torch.randn(*shape, generator=g)
+    w = torch.randn(shape[-1], generator=g) if with_weight else None
+    assert rel_err(fused.rms_norm(x, w, 1e-6), ops.rms_norm_ref(x, w, 1e-6)) < 1e-6
+
+
+def test_rms_norm_grads_and_bf16_follow_the_reference():
+    x = torch.randn(4, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    gx, gw = torch.autograd.grad(fused.rms_norm(x, w, 1e-5).square().sum(), (x, w))
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    gx2, gw2 = torch.autograd.grad(ops.rms_norm_ref(x2, w2, 1e-5).square().sum(), (x2, w2))
+    torch.testing.assert_close(gx, gx2)
+    torch.testing.assert_close(gw, gw2)
+    xb, wb = torch.randn(3, 8).bfloat16(), torch.randn(8).bfloat16()
+    torch.testing.assert_close(fused.rms_norm(xb, wb, 1e-6), ops.rms_norm_ref(xb, wb, 1e-6), rtol=0, atol=0)
+
+
 def test_ops_trace_under_torch_compile():
     """Fake (shape-only) kernels let dynamo/AOT trace the ops; aot_eager skips inductor's slow codegen."""
     needs_kernels()
@@ -606,6 +628,7 @@ def test_env_var_forces_the_reference(monkeypatch):
         assert ops.causal_conv1d is ops.causal_conv1d_ref
         assert ops.dt_softplus is ops.dt_softplus_ref
         assert ops.linear is F.linear
+        assert ops.rms_norm is ops.rms_norm_ref
     finally:
         monkeypatch.delenv("JAMBALAB_KERNELS")
         importlib.reload(ops)

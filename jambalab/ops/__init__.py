@@ -3,7 +3,8 @@ available, else the pure-PyTorch reference twin (jambalab.ops.*_ref).
 
 Legend: B batch, L length, D d_inner, N d_state, K d_conv.
 
-- selective_scan, causal_conv1d, dt_softplus, linear, selective_state_update, causal_conv1d_update: the fused CPU
+- selective_scan, causal_conv1d, dt_softplus, linear, rms_norm, selective_state_update,
+  causal_conv1d_update: the fused CPU
   kernels of jambalab/ops/fused.py. They check their inputs (InputError), run
   the C++ kernels for CPU tensors and the reference for any other device. The
   C++ is compiled once per machine at the first CPU call (cached under
@@ -24,7 +25,7 @@ import os
 import torch
 
 from jambalab.ops.conv_ref import causal_conv1d_ref, causal_conv1d_update_ref, conv_state_update
-from jambalab.ops.scan_ref import dt_softplus_ref, selective_scan_ref, selective_state_update_ref
+from jambalab.ops.scan_ref import dt_softplus_ref, rms_norm_ref, selective_scan_ref, selective_state_update_ref
 
 KERNELS_ENV = "JAMBALAB_KERNELS"
 
@@ -32,6 +33,7 @@ if os.environ.get(KERNELS_ENV, "").strip().lower() == "ref":
     causal_conv1d = causal_conv1d_ref
     dt_softplus = dt_softplus_ref
     linear = torch.nn.functional.linear
+    rms_norm = rms_norm_ref
     selective_scan = selective_scan_ref
     selective_state_update = selective_state_update_ref
     causal_conv1d_update = causal_conv1d_update_ref
@@ -41,6 +43,7 @@ else:
         causal_conv1d_update,
         dt_softplus,
         linear,
+        rms_norm,
         selective_scan,
         selective_state_update,
     )
@@ -54,6 +57,8 @@ __all__ = [
     "dt_softplus",
     "dt_softplus_ref",
     "linear",
+    "rms_norm",
+    "rms_norm_ref",
     "selective_scan_ref",
     "selective_state_update_ref",
     "causal_conv1d_ref",

@@ -9,7 +9,7 @@ where <key> hashes the sources, the compile flags, the torch and Python
 versions and this CPU's model and feature flags: a `-march=native` binary is
 never reused on another CPU, and a cached one loads without ninja or a compiler.
 Its ops live in `torch.ops.jambalab_kernels` (scan_fwd, scan_bwd,
-state_update, conv_update, conv_fwd, conv_bwd, dt_softplus_fwd/bwd, gemv); jambalab/ops/fused.py wraps them.
+state_update, conv_update, conv_fwd, conv_bwd, dt_softplus_fwd/bwd, gemv, rms_norm); jambalab/ops/fused.py wraps them.
 
 `kernels()` tries once per process. If the build fails it warns once and
 returns None, and the callers use the pure-PyTorch references. A build killed
@@ -115,8 +115,11 @@ def _register_fakes() -> None:
     def gemv(x, weight, bias):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    def rms_norm(x, weight, eps):
+        return x.new_empty(x.shape)
+
     for fn in (scan_fwd, scan_bwd, state_update, conv_update, conv_fwd, conv_bwd, dt_softplus_fwd, dt_softplus_bwd,
-               gemv):
+               gemv, rms_norm):
         torch.library.register_fake(f"{_LIB}::{fn.__name__}", fn)
 
 

@@ -27,7 +27,7 @@ import torch
 from jambalab.errors import InputError
 from jambalab.ops import cpu
 from jambalab.ops.conv_ref import causal_conv1d_ref, causal_conv1d_update_ref
-from jambalab.ops.scan_ref import dt_softplus_ref, selective_scan_ref, selective_state_update_ref
+from jambalab.ops.scan_ref import dt_softplus_ref, rms_norm_ref, selective_scan_ref, selective_state_update_ref
 
 Tensor = torch.Tensor
 Opt = Tensor | None
@@ -350,6 +350,23 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
             y = ops.gemv(rows if rows.is_contiguous() else rows.contiguous(), weight, bias)  # (R, N)
             return y.view(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """RMSNorm over the last dim. float32 on CPU without autograd: one kernel call (gemv.cpp);
+    else F.rms_norm in fp32 (equal to HF's op order there) or the reference (16-bit: HF casts
+    before scaling)."""
+    if x.dtype == torch.float32 and (weight is None or weight.dtype == torch.float32):
+        if (x.is_cpu and x.dim() >= 1 and x.shape[-1] > 0 and not _needs_grad(x, weight)
+                and (weight is None or (weight.is_cpu and weight.is_contiguous() and weight.shape == x.shape[-1:]))):
+            ops = cpu.kernels()
+            if ops is not None:
+                return ops.rms_norm(x if x.is_contiguous() else x.contiguous(), weight, eps)
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+    return rms_norm_ref(x, weight, eps)
 
 
 # ---------------------------------------------------------------- decode steps

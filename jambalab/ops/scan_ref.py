@@ -83,3 +83,10 @@ def selective_state_update_ref(
 def dt_softplus_ref(dt: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The mixer's time step: softplus(dt + bias), the bias cast to dt's dtype first (HF's order). (..., D)."""
     return torch.nn.functional.softplus(dt + bias.to(dt.dtype))
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """HF's RMSNorm op order: normalise in fp32, cast back to x's dtype, then scale. (..., K)."""
+    h = x.float()
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return h if weight is None else weight * h

@@ -1,5 +1,8 @@
-// Matrix-vector products for decoding: y (R, N) = x (R, K) @ W (N, K)^T + bias, R <= 4 rows.
-// The pure-PyTorch twin is F.linear; jambalab/ops/fused.py's `linear` picks this for small R.
+// Two ops of the decode path, beside their pure-PyTorch twins (jambalab/ops/fused.py):
+// - gemv: y (R, N) = x (R, K) @ W (N, K)^T + bias for R <= 4 rows (twin: F.linear);
+// - rms_norm: y = x * rsqrt(mean(x^2) + eps) * weight over the last dim, fp32 (twin:
+//   jambalab.ops.rms_norm_ref, HF's op order). On CPU F.rms_norm is a chain of ~7 ops,
+//   ~60 us for a 16-wide row; a decode token of bench-hybrid runs 38 norms.
 //
 // Legend: R rows of x (batch x new tokens), K in_features, N out_features, W SIMD lanes.
 //
@@ -16,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -107,8 +111,56 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   return y;
 }
 
+// ---------------------------------------------------------------- rms_norm
+
+void rms_row(const float* x, const float* w, float* y, int64_t K, float eps) {
+  vf a0{}, a1{};
+  int64_t k = 0;
+  for (; k + 2 * W <= K; k += 2 * W) {
+    const vf u = load(x + k), v = load(x + k + W);
+    a0 += u * u;
+    a1 += v * v;
+  }
+  for (; k + W <= K; k += W) {
+    const vf u = load(x + k);
+    a0 += u * u;
+  }
+  float ss = hsum(a0 + a1);
+  for (; k < K; ++k) ss += x[k] * x[k];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(K) + eps);
+  if (w) {
+    for (int64_t j = 0; j < K; ++j) y[j] = w[j] * (x[j] * inv);
+  } else {
+    for (int64_t j = 0; j < K; ++j) y[j] = x[j] * inv;
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, "rms_norm: x must be contiguous float32");
+  const int64_t K = x.size(-1), rows = K ? x.numel() / K : 0;
+  if (weight) {
+    TORCH_CHECK(weight->scalar_type() == at::kFloat && weight->is_contiguous() && weight->numel() == K,
+                "rms_norm: weight must be contiguous float32 (", K, ",)");
+  }
+  auto y = at::empty(x.sizes(), x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight ? weight->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K)), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) rms_row(xp + r * K, wp, yp + r * K, K, e);
+  });
+  return y;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(jambalab_kernels, m) { m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(jambalab_kernels, m) {
+  m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor? weight, float eps) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(jambalab_kernels, CPU, m) { m.impl("gemv", &gemv); }
+TORCH_LIBRARY_IMPL(jambalab_kernels, CPU, m) {
+  m.impl("gemv", &gemv);
+  m.impl("rms_norm", &rms_norm);
+}
