@@ -267,7 +267,17 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.to(dtype))
 
     def A(self) -> torch.Tensor:
-        return -torch.exp(self.A_log.float())  # (D, N)
+        """-exp(A_log) in fp32, (D, N). Without autograd it is kept until A_log changes (its version
+        counter, storage or dtype): a decode step would otherwise recompute it in every Mamba layer."""
+        a_log = self.A_log
+        if torch.is_grad_enabled():
+            return -torch.exp(a_log.float())
+        key = (a_log._version, a_log.data_ptr(), a_log.dtype, a_log.device)
+        cached = self.__dict__.get("_A_cached")
+        if cached is None or cached[0] != key:
+            cached = (key, -torch.exp(a_log.detach().float()))
+            self.__dict__["_A_cached"] = cached
+        return cached[1]
 
     def _dt_b_c(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dt, B, C = torch.split(self.x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
