@@ -34,6 +34,7 @@ def _req(kind, args, i=0):
     return Instance(request_type=kind, doc={}, arguments=args, idx=i)
 
 
+@torch.no_grad()
 def _logprob_of(model, ids: list[int], n_cont: int) -> float:
     x = torch.tensor(ids)[None]
     logp = F.log_softmax(model(x).logits[0, :-1], -1)  # (L-1, V) predicts ids[1:]
