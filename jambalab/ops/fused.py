@@ -289,7 +289,7 @@ def causal_conv1d(
     xr = _rows(x, act)
     if xr.shape[0] > 1 and xr.stride(0) != xr.shape[1] * xr.stride(1):
         xr = xr.contiguous()  # rows must be evenly strided across the batch
-    args = (xr, _as(weight, torch.float32).contiguous(), _f32(bias), _dense(conv_state, act))
+    args = (xr, _f32(weight), _f32(bias), _dense(conv_state, act))
     if _needs_grad(x, weight, bias):
         out = _CausalConv1dFn.apply(*args)  # grads reach a non-fp32 weight/bias through the casts above
     else:
@@ -325,10 +325,9 @@ def dt_softplus(dt: Tensor, bias: Tensor) -> Tensor:
     ops = _kernels_for(dt, bias)
     if ops is None or dt.dtype != torch.float32 or bias.dtype != torch.float32:
         return dt_softplus_ref(dt, bias)
-    dt_c = dt if dt.is_contiguous() else dt.contiguous()
     if _needs_grad(dt, bias):
-        return _DtSoftplusFn.apply(dt_c, bias if bias.is_contiguous() else bias.contiguous())
-    return ops.dt_softplus_fwd(dt_c, bias if bias.is_contiguous() else bias.contiguous())
+        return _DtSoftplusFn.apply(_f32(dt), _f32(bias))
+    return ops.dt_softplus_fwd(_f32(dt), _f32(bias))
 
 
 # ---------------------------------------------------------------- linear (GEMV for decoding)
@@ -346,8 +345,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
             and not _needs_grad(x, weight, bias)):
         ops = cpu.kernels()
         if ops is not None:
-            rows = x.reshape(-1, x.shape[-1])
-            y = ops.gemv(rows if rows.is_contiguous() else rows.contiguous(), weight, bias)  # (R, N)
+            y = ops.gemv(_f32(x.reshape(-1, x.shape[-1])), weight, bias)  # (R, N)
             return y.view(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
 
@@ -364,7 +362,7 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
                 and (weight is None or (weight.is_cpu and weight.is_contiguous() and weight.shape == x.shape[-1:]))):
             ops = cpu.kernels()
             if ops is not None:
-                return ops.rms_norm(x if x.is_contiguous() else x.contiguous(), weight, eps)
+                return ops.rms_norm(_f32(x), weight, eps)
         return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
     return rms_norm_ref(x, weight, eps)
 
