@@ -1,8 +1,9 @@
-"""Helpers shared by CLI commands: choosing a model from --preset / --config / --model."""
+"""Helpers shared by CLI commands: choosing a model from --preset / --config / --model, torch threads."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from jambalab.config import JambaConfig
 from jambalab.errors import ConfigError
@@ -26,3 +27,17 @@ def config_from_args(args: argparse.Namespace) -> JambaConfig:
 
         return load_config(args.model)
     raise ConfigError("give one of --preset, --config or --model")
+
+
+def run_with_threads(threads: int | None, body: Callable[[], int]) -> int:
+    """body() with torch using `threads` threads (None or 0: leave torch's setting), restored after, so
+    that a caller in this process (a test, a notebook) keeps its own setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return body()
+    finally:
+        torch.set_num_threads(before)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from jambalab.commands.common import run_with_threads
 from jambalab.errors import InputError
 
 
@@ -42,15 +43,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return run_with_threads(args.threads, lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:
