@@ -134,7 +134,7 @@ def load_extension() -> Any:
     if not sources:
         raise KernelBuildError(f"no C++ sources in {_CSRC} (package data missing?)")
     flags = _compile_flags()
-    key = _build_key(sources, flags)
+    key = _build_key(sources + sorted(_CSRC.glob("*.h")), flags)  # a changed header must rebuild too
     build_dir = _cache_root() / key
     name = f"{_LIB}_{key[:12]}"
     try:

@@ -24,31 +24,16 @@
 #include <cstring>
 #include <optional>
 
+#include "simd.h"  // kVecBytes, W, vf, hsum
+
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kVecBytes = 64;
-#elif defined(__AVX__)
-constexpr int kVecBytes = 32;
-#else
-constexpr int kVecBytes = 16;
-#endif
-constexpr int W = kVecBytes / 4;
 constexpr int kMaxRows = 4;
-typedef float vf __attribute__((vector_size(kVecBytes)));
 
 inline vf load(const float* p) {
   vf v;
   std::memcpy(&v, p, sizeof v);
   return v;
-}
-
-inline float hsum(vf v) {
-  float s[W];
-  std::memcpy(s, &v, sizeof v);
-  float t = 0.0f;
-  for (int i = 0; i < W; ++i) t += s[i];
-  return t;
 }
 
 // One output row o for the R rows of x: a single sequential stream through W's row (the hardware

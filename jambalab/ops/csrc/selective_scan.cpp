@@ -46,28 +46,17 @@
 #include <utility>
 #include <vector>
 
+#include "simd.h"  // kVecBytes, W, vf, ALWAYS_INLINE, hsum
+
 namespace {
 
-// ---------------------------------------------------------------- SIMD basics
+// ---------------------------------------------------------------- SIMD basics (beyond simd.h)
 
-#if defined(__AVX512F__)
-constexpr int kVecBytes = 64;
-#elif defined(__AVX__)
-constexpr int kVecBytes = 32;
-#else
-constexpr int kVecBytes = 16;
-#endif
-constexpr int W = kVecBytes / 4;
 constexpr int V = W >= 16 ? 1 : 16 / W;  // 16 channels per block: one AVX-512 vector, two AVX2 ones
 constexpr int CB = V * W;
 constexpr int kMaxN = 64;  // d_state bound for the on-stack state; cpu.py falls back above it
 
-typedef float vf __attribute__((vector_size(kVecBytes)));
 typedef int32_t vi __attribute__((vector_size(kVecBytes)));
-
-// Small helpers are forced inline: a call per time step (GCC declined to inline
-// load_block) costs as much as a sizeable part of the step's CB * N updates.
-#define ALWAYS_INLINE inline __attribute__((always_inline))
 
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -162,14 +151,6 @@ ALWAYS_INLINE float exp2s(float u) {
 }
 
 ALWAYS_INLINE vf sigmoidv(vf z) { return 1.0f / (1.0f + exp2v(z * -kLog2e)); }
-
-ALWAYS_INLINE float hsum(vf v) {
-  alignas(kVecBytes) float s[W];
-  std::memcpy(s, &v, sizeof v);
-  for (int w = W / 2; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) s[i] += s[i + w];
-  return s[0];
-}
 
 // out[j] += sum of the lanes of rows[j], j < count. With 8 lanes, 8 rows reduce
 // together by a transpose-and-add tree (21 ops for 8 sums, not ~10 per sum): the
