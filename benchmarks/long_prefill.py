@@ -62,8 +62,13 @@ def measure(preset: str, tokens: int, chunk: int, threads: int) -> dict:
     cache_bytes_allocated = sum(t.numel() * t.element_size() for s in cache.layers for t in vars(s).values())
     base_kib = _status_kib("VmRSS")
     reset = _reset_peak()
+    from tqdm import tqdm
+
+    bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc=f"{preset} {tokens}", file=sys.stderr,
+               mininterval=5.0)
     t0, c0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
-    logits = prefill(model, ids, cache, chunk_size=chunk)
+    logits = prefill(model, ids, cache, chunk_size=chunk, progress=bar.update)
+    bar.close()
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     peak_kib = _status_kib("VmHWM")
     assert torch.isfinite(logits).all()
@@ -82,9 +87,10 @@ def run_child(preset: str, tokens: int, chunk: int, threads: int, timeout: float
     env = dict(os.environ)
     if mmap_threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    # The child's stderr (its progress bar, or a traceback) goes straight to ours.
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, cwd=ROOT, env=env)
     if r.returncode != 0:
-        raise RuntimeError(f"child {preset} {tokens} failed:\n{r.stderr[-2000:]}")
+        raise RuntimeError(f"child {preset} {tokens} failed with exit code {r.returncode} (its stderr is above)")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 

@@ -80,3 +80,34 @@ def test_rope_changes_attention_only_when_on():
     assert not torch.allclose(a(ids).logits, b(ids).logits)
     # RoPE preserves the first position's output (rotation by angle 0)
     torch.testing.assert_close(a(ids).logits[:, 0], b(ids).logits[:, 0])
+
+
+def _masked_attention_fp64(q, k, v, past):
+    """Causal attention of L queries at positions past.. over S keys, written out in fp64."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    scores = q.double() @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # (B, H, L, S)
+    allowed = torch.arange(k.shape[2])[None, :] <= (past + torch.arange(q.shape[2]))[:, None]
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("bsz,heads,kv_heads,length,past", [(2, 8, 2, 7, 13), (1, 4, 4, 64, 100), (2, 8, 2, 300, 700),
+                                                          (1, 8, 1, 33, 1), (3, 6, 2, 5, 0)])
+def test_chunk_attention_split_by_past_and_new_keys(bsz, heads, kv_heads, length, past):
+    from jambalab.model import _attend_past_and_new, attend
+
+    torch.manual_seed(0)
+    q = torch.randn(bsz, heads, length, 16)
+    k, v = torch.randn(2, bsz, kv_heads, past + length, 16)
+    want = _masked_attention_fp64(q, k, v, past)
+    got = _attend_past_and_new(q, k, v, past)
+    assert (got.double() - want).abs().max() < 1e-5
+    with torch.no_grad():  # attend() takes the split path for a chunk after cached tokens
+        assert (attend(q, k, v, past, None).double() - want).abs().max() < 1e-5
+    got_bf16 = _attend_past_and_new(q.bfloat16(), k.bfloat16(), v.bfloat16(), past)
+    assert got_bf16.dtype == torch.bfloat16 and (got_bf16.double() - want).abs().max() < 0.05
+    # With gradients needed attend() keeps the masked path: the split one's log-sum-exp has no backward.
+    q1, q2 = q.clone().requires_grad_(), q.double().requires_grad_()
+    attend(q1, k, v, past, None).square().sum().backward()
+    _masked_attention_fp64(q2, k, v, past).square().sum().backward()
+    assert (q1.grad.double() - q2.grad).abs().max() < 1e-4
