@@ -76,6 +76,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(f, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        h = x.reshape(-1, x.shape[-1])  # (T, d)
+        weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        if ops.decode_fusable(h, *weights):  # decode-sized: the whole layer in one kernel call
+            return ops.mlp_decode(h, *weights).view(x.shape), None
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x))), None
 
 
@@ -101,6 +105,10 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         h = x.reshape(-1, shape[-1])  # (T, d)
+        weights = (self.router.weight, self.w_gate, self.w_up, self.w_down)
+        if ops.decode_fusable(h, *weights):  # decode-sized: router and experts in one kernel call
+            out, router_logits = ops.moe_decode(h, *weights, self.top_k)
+            return out.view(shape), router_logits
         router_logits = self.router(h)  # (T, E)
         probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)  # (T, K)
@@ -285,6 +293,10 @@ class MambaMixer(nn.Module):
             self.dt_norm, self.b_norm, self.c_norm = RMSNorm(R, eps, learn), RMSNorm(N, eps, learn), RMSNorm(N, eps, learn)
 
     def forward(self, x: torch.Tensor, state: MambaState | None, mask: torch.Tensor | None) -> torch.Tensor:
+        if state is not None and x.shape[1] == 1 and mask is None:
+            args, norms = self._decode_args(x[:, 0], state), self._inner_norm_weights()
+            if ops.decode_fusable(*args, *(norms or ())):  # the whole mixer for one token in one kernel call
+                return ops.mamba_decode(*args[:7], norms, self._norm_eps(), *args[7:])[:, None]
         dtype = x.dtype
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D) each
         if mask is not None:
@@ -324,6 +336,20 @@ class MambaMixer(nn.Module):
         dt = ops.linear(dt, self.dt_proj.weight)  # bias added after, in dt's dtype, as HF
         dt = ops.dt_softplus(dt, self.dt_proj.bias)  # softplus(dt + bias): (B, L, D)
         return dt, B, C
+
+    def _decode_args(self, x: torch.Tensor, state: MambaState) -> tuple[torch.Tensor | None, ...]:
+        """ops.mamba_decode's tensors, less the inner norms (x (B, d) first, as decode_fusable wants)."""
+        return (x, self.in_proj.weight, self.in_proj.bias, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A(), self.D, state.ssm,
+                self.out_proj.weight, self.out_proj.bias)
+
+    def _inner_norm_weights(self) -> tuple[torch.Tensor | None, ...] | None:
+        if self.dt_norm is None:
+            return None
+        return self.dt_norm.weight, self.b_norm.weight, self.c_norm.weight
+
+    def _norm_eps(self) -> float:
+        return self.dt_norm.eps if self.dt_norm is not None else 0.0
 
     def _step(self, xs: torch.Tensor, z: torch.Tensor, state: MambaState, conv_w: torch.Tensor,
               mask: torch.Tensor | None) -> torch.Tensor:

@@ -540,6 +540,77 @@ def test_ops_trace_under_torch_compile():
     torch.testing.assert_close(a["h"], b["h"])
 
 
+# ---------------------------------------------------------------- whole-layer decode ops
+
+
+def _decode_logits(preset: str, bsz: int, monkeypatch, fused_on: bool, steps: int = 5):
+    """Prefill 9 tokens, then greedy-decode `steps` tokens; returns the stacked logits and the
+    number of whole-layer decode op calls."""
+    import jambalab
+    from jambalab.generate import prefill
+
+    calls = []
+    for name in ("mamba_decode", "mlp_decode", "moe_decode"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    monkeypatch.setattr(ops, "decode_fusable", fused.decode_fusable if fused_on else (lambda *a: False))
+    model = jambalab.from_preset(preset, seed=0).eval()
+    ids = torch.randint(3, model.config.vocab_size, (bsz, 9), generator=torch.Generator().manual_seed(1))
+    cache = model.allocate_cache(bsz)
+    logits = [prefill(model, ids, cache)]  # 9 x bsz rows: too many for the decode ops
+    with torch.no_grad():
+        for _ in range(steps):
+            logits.append(model(logits[-1].argmax(-1, keepdim=True), cache=cache).logits[:, -1])
+    return torch.stack(logits), calls
+
+
+@pytest.mark.parametrize("preset", ["tiny-hybrid", "tiny-falcon-mamba", "tiny-mixtral", "tiny-transformer"])
+@pytest.mark.parametrize("bsz", [1, 3])
+def test_whole_layer_decode_ops_equal_the_layer_by_layer_path(preset, bsz, monkeypatch):
+    """mamba_decode / mlp_decode / moe_decode run the same kernels in the same order as the model's
+    own layer-by-layer decode (their twin): the logits are bitwise equal, and the ops did run."""
+    needs_kernels()
+    got, calls = _decode_logits(preset, bsz, monkeypatch, fused_on=True)
+    want, none = _decode_logits(preset, bsz, monkeypatch, fused_on=False)
+    assert not none
+    import jambalab
+
+    cfg = jambalab.JambaConfig.from_preset(preset)
+    n_mamba = sum(not cfg.is_attention(i) for i in range(cfg.n_layers))
+    n_moe = sum(cfg.is_moe(i) for i in range(cfg.n_layers)) if cfg.d_ff else 0
+    n_mlp = cfg.n_layers - n_moe if cfg.d_ff else 0
+    steps = 5
+    counts = {name: calls.count(name) for name in ("mamba_decode", "mlp_decode", "moe_decode")}
+    assert counts == {"mamba_decode": n_mamba * steps, "mlp_decode": n_mlp * steps, "moe_decode": n_moe * steps}
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_decode_fusable_declines_what_the_ops_do_not_take():
+    needs_kernels()
+    w = torch.randn(8, 4)
+    assert fused.decode_fusable(torch.randn(2, 4), w, None)
+    assert not fused.decode_fusable(torch.randn(5, 4), w)  # more rows than the GEMV kernel takes
+    assert not fused.decode_fusable(torch.randn(2, 4).bfloat16(), w.bfloat16())
+    assert not fused.decode_fusable(torch.randn(2, 4), w.t())  # not contiguous
+    assert not fused.decode_fusable(torch.randn(2, 4), w.requires_grad_())
+    with torch.no_grad():
+        assert fused.decode_fusable(torch.randn(2, 4), w)
+
+
+def test_whole_layer_decode_ops_reject_bad_shapes():
+    needs_kernels()
+    k = cpu.kernels()
+    x = torch.randn(5, 8)
+    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+        k.mlp_decode(x, torch.randn(16, 8), torch.randn(16, 8), torch.randn(8, 16))
+    with pytest.raises(RuntimeError, match="top_k must be in 1..4"):
+        k.moe_decode(x[:1], torch.randn(4, 8), *torch.randn(2, 4, 16, 8), torch.randn(4, 8, 16), 5)
+    with pytest.raises(RuntimeError, match="in_proj weight must be"):
+        k.mamba_decode(x[:1], torch.randn(30, 8), None, torch.zeros(1, 16, 4), torch.randn(16, 4), None,
+                       torch.randn(2 + 8, 16), False, None, None, None, 1e-6, torch.randn(16, 2), torch.randn(16),
+                       -torch.rand(16, 4), torch.randn(16), torch.zeros(1, 16, 4), torch.randn(8, 16), None)
+
+
 # ---------------------------------------------------------------- bad inputs
 
 
@@ -629,6 +700,7 @@ def test_env_var_forces_the_reference(monkeypatch):
         assert ops.dt_softplus is ops.dt_softplus_ref
         assert ops.linear is F.linear
         assert ops.rms_norm is ops.rms_norm_ref
+        assert not ops.decode_fusable(torch.zeros(1, 4))
     finally:
         monkeypatch.delenv("JAMBALAB_KERNELS")
         importlib.reload(ops)

@@ -9,7 +9,8 @@ where <key> hashes the sources, the compile flags, the torch and Python
 versions and this CPU's model and feature flags: a `-march=native` binary is
 never reused on another CPU, and a cached one loads without ninja or a compiler.
 Its ops live in `torch.ops.jambalab_kernels` (scan_fwd, scan_bwd,
-state_update, conv_update, conv_fwd, conv_bwd, dt_softplus_fwd/bwd, gemv, rms_norm); jambalab/ops/fused.py wraps them.
+state_update, conv_update, conv_fwd, conv_bwd, dt_softplus_fwd/bwd, gemv, rms_norm, mamba_decode, mlp_decode,
+moe_decode); jambalab/ops/fused.py wraps them.
 
 `kernels()` tries once per process. If the build fails it warns once and
 returns None, and the callers use the pure-PyTorch references. A build killed
@@ -118,8 +119,18 @@ def _register_fakes() -> None:
     def rms_norm(x, weight, eps):
         return x.new_empty(x.shape)
 
+    def mamba_decode(x, in_w, in_b, conv_state, conv_w, conv_b, x_proj_w, inner_norm, dt_norm_w, b_norm_w, c_norm_w,
+                     norm_eps, dt_proj_w, dt_proj_b, A, D, ssm_state, out_w, out_b):
+        return x.new_empty(x.shape[0], out_w.shape[0])
+
+    def mlp_decode(x, w_gate, w_up, w_down):
+        return x.new_empty(x.shape[0], w_down.shape[0])
+
+    def moe_decode(x, router_w, w_gate, w_up, w_down, top_k):
+        return x.new_empty(x.shape[0], w_down.shape[1]), x.new_empty(x.shape[0], router_w.shape[0])
+
     for fn in (scan_fwd, scan_bwd, state_update, conv_update, conv_fwd, conv_bwd, dt_softplus_fwd, dt_softplus_bwd,
-               gemv, rms_norm):
+               gemv, rms_norm, mamba_decode, mlp_decode, moe_decode):
         torch.library.register_fake(f"{_LIB}::{fn.__name__}", fn)
 
 

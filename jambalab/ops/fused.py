@@ -412,3 +412,43 @@ def causal_conv1d_update(
     if state is not conv_state:
         conv_state.copy_(state)
     return _as(y, x.dtype)
+
+
+# ---------------------------------------------------------------- whole-layer decode steps
+# csrc/decode.cpp: a Mamba mixer, SwiGLU MLP or MoE layer for 1 to 4 rows (decode tokens) in one
+# call, running the same kernels in the same order as the layer-by-layer path of jambalab/model.py,
+# which is their twin (tests/test_ops_kernels.py checks they agree). The model asks
+# decode_fusable() first and takes its own path otherwise; these functions do not fall back.
+
+
+def decode_fusable(x: Tensor, *tensors: Tensor | None) -> bool:
+    """Whether the whole-layer decode ops take these inputs: x (R, d) with 1 <= R <= 4, every
+    tensor float32, contiguous and on the CPU, nothing needing a gradient, and the kernels built."""
+    if x.dim() != 2 or not 1 <= x.shape[0] <= _GEMV_MAX_ROWS:
+        return False
+    for t in (x, *tensors):
+        if t is not None and (t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous()):
+            return False
+    return not _needs_grad(x, *tensors) and cpu.kernels() is not None
+
+
+def mamba_decode(x: Tensor, in_w: Tensor, in_b: Opt, conv_state: Tensor, conv_w: Tensor, conv_b: Opt,
+                 x_proj_w: Tensor, inner_norms: tuple[Opt, Opt, Opt] | None, norm_eps: float, dt_proj_w: Tensor,
+                 dt_proj_b: Tensor, A: Tensor, D: Tensor, ssm_state: Tensor, out_w: Tensor, out_b: Opt) -> Tensor:
+    """One token through a Mamba mixer, x (R, d) -> (R, d); conv_state (R, D, K) and ssm_state
+    (R, D, N) are updated in place. inner_norms: the dt, B and C RMSNorm weights (None entries for
+    weightless norms), or None for no inner norms."""
+    norms = inner_norms or (None, None, None)
+    return cpu.kernels().mamba_decode(x, in_w, in_b, conv_state, conv_w, conv_b, x_proj_w, inner_norms is not None,
+                                      *norms, norm_eps, dt_proj_w, dt_proj_b, A, D, ssm_state, out_w, out_b)
+
+
+def mlp_decode(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+    """down(silu(gate(x)) * up(x)) for x (R, d)."""
+    return cpu.kernels().mlp_decode(x, w_gate, w_up, w_down)
+
+
+def moe_decode(x: Tensor, router_w: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
+               top_k: int) -> tuple[Tensor, Tensor]:
+    """The MoE layer for x (R, d): (y (R, d), router_logits (R, E))."""
+    return cpu.kernels().moe_decode(x, router_w, w_gate, w_up, w_down, top_k)

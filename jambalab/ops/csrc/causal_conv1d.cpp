@@ -33,6 +33,8 @@
 #include <tuple>
 #include <vector>
 
+#include "kernels.h"
+
 namespace {
 
 constexpr int64_t kMaxTaps = 16;
@@ -280,6 +282,10 @@ void check_dt(const at::Tensor& dt, const at::Tensor& bias, const char* op) {
               op, ": bias must be contiguous float32 (", dt.dim() ? dt.size(-1) : 0, ",), got ", bias.sizes());
 }
 
+}  // namespace
+
+namespace jambalab {
+
 // out = softplus(dt + bias), bias broadcast over the last dim.
 at::Tensor dt_softplus_fwd(const at::Tensor& dt, const at::Tensor& bias) {
   check_dt(dt, bias, "dt_softplus");
@@ -293,6 +299,10 @@ at::Tensor dt_softplus_fwd(const at::Tensor& dt, const at::Tensor& bias) {
   });
   return out;
 }
+
+}  // namespace jambalab
+
+namespace {
 
 // d softplus(v) / dv = sigmoid(v): returns dout * sigmoid(dt + bias) (the bias grad is its sum).
 at::Tensor dt_softplus_bwd(const at::Tensor& dt, const at::Tensor& bias, const at::Tensor& dout) {
@@ -324,6 +334,6 @@ TORCH_LIBRARY_FRAGMENT(jambalab_kernels, m) {
 TORCH_LIBRARY_IMPL(jambalab_kernels, CPU, m) {
   m.impl("conv_fwd", &conv_fwd);
   m.impl("conv_bwd", &conv_bwd);
-  m.impl("dt_softplus_fwd", &dt_softplus_fwd);
+  m.impl("dt_softplus_fwd", &jambalab::dt_softplus_fwd);
   m.impl("dt_softplus_bwd", &dt_softplus_bwd);
 }

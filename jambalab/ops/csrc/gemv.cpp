@@ -24,6 +24,7 @@
 #include <cstring>
 #include <optional>
 
+#include "kernels.h"
 #include "simd.h"  // kVecBytes, W, vf, hsum
 
 namespace {
@@ -72,6 +73,10 @@ void gemv_rows(const float* x, const float* w, const float* bias, float* y, int6
   });
 }
 
+}  // namespace
+
+namespace jambalab {
+
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "gemv: float32 only");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "gemv: x must be contiguous (R, K)");
@@ -95,6 +100,10 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   }
   return y;
 }
+
+}  // namespace jambalab
+
+namespace {
 
 // ---------------------------------------------------------------- rms_norm
 
@@ -120,6 +129,10 @@ void rms_row(const float* x, const float* w, float* y, int64_t K, float eps) {
   }
 }
 
+}  // namespace
+
+namespace jambalab {
+
 at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, "rms_norm: x must be contiguous float32");
   const int64_t K = x.size(-1), rows = K ? x.numel() / K : 0;
@@ -138,7 +151,7 @@ at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight
   return y;
 }
 
-}  // namespace
+}  // namespace jambalab
 
 TORCH_LIBRARY_FRAGMENT(jambalab_kernels, m) {
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
@@ -146,6 +159,6 @@ TORCH_LIBRARY_FRAGMENT(jambalab_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(jambalab_kernels, CPU, m) {
-  m.impl("gemv", &gemv);
-  m.impl("rms_norm", &rms_norm);
+  m.impl("gemv", &jambalab::gemv);
+  m.impl("rms_norm", &jambalab::rms_norm);
 }

@@ -46,6 +46,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels.h"
 #include "simd.h"  // kVecBytes, W, vf, ALWAYS_INLINE, hsum
 
 namespace {
@@ -761,6 +762,10 @@ void state_update_rows(int64_t lo, int64_t hi, float* h, const T* x, const T* dt
   }
 }
 
+}  // namespace
+
+namespace jambalab {
+
 at::Tensor state_update(at::Tensor& h, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
                         const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
                         const std::optional<at::Tensor>& z) {
@@ -794,6 +799,10 @@ at::Tensor state_update(at::Tensor& h, const at::Tensor& x, const at::Tensor& dt
   return y;
 }
 
+}  // namespace jambalab
+
+namespace {
+
 template <typename X, typename S>
 void conv_update_rows(int64_t lo, int64_t hi, const X* x, S* state, const float* w, const float* bias,
                       X* out, int64_t D, int64_t K) {
@@ -814,6 +823,10 @@ void conv_update_rows(int64_t lo, int64_t hi, const X* x, S* state, const float*
   }
   silu_gate(pre.data(), static_cast<const float*>(nullptr), out + lo, hi - lo);
 }
+
+}  // namespace
+
+namespace jambalab {
 
 at::Tensor conv_update(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias) {
@@ -839,7 +852,8 @@ at::Tensor conv_update(const at::Tensor& x, at::Tensor& conv_state, const at::Te
   return out;
 }
 
-}  // namespace
+}  // namespace jambalab
+
 
 // Schemas, then CPU kernels (not catch-all ones: jambalab/ops/cpu.py registers
 // shape-only fake kernels so that torch.compile can trace through these ops).
@@ -860,6 +874,6 @@ TORCH_LIBRARY(jambalab_kernels, m) {
 TORCH_LIBRARY_IMPL(jambalab_kernels, CPU, m) {
   m.impl("scan_fwd", &scan_fwd);
   m.impl("scan_bwd", &scan_bwd);
-  m.impl("state_update", &state_update);
-  m.impl("conv_update", &conv_update);
+  m.impl("state_update", &jambalab::state_update);
+  m.impl("conv_update", &jambalab::conv_update);
 }
