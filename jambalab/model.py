@@ -477,7 +477,7 @@ class JambaLM(nn.Module):
         # Shift the labels, not the logits (as HF): slicing the logits makes autograd zero-fill and copy
         # a full (B, L, V) gradient (128 MiB each at 1 x 512 x 65536 fp32).
         shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, L): position t predicts token t+1
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
+        ce = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
         loss = ce if aux is None else ce + self.config.router_aux_loss_coef * aux
         return ModelOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux)
 

@@ -611,6 +611,47 @@ def test_whole_layer_decode_ops_reject_bad_shapes():
                        -torch.rand(16, 4), torch.randn(16), torch.zeros(1, 16, 4), torch.randn(8, 16), None)
 
 
+# ---------------------------------------------------------------- cross-entropy
+
+
+@pytest.mark.parametrize("rows,classes", [(7, 5), (33, 1000), (64, 65536), (3, 17)])
+def test_cross_entropy_matches_f_cross_entropy(rows, classes):
+    needs_kernels()
+    g = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, classes, generator=g) * 4
+    target = torch.randint(0, classes, (rows,), generator=g)
+    target[::3] = -100  # ignored rows: out of the mean, zero gradient
+    x = logits.clone().requires_grad_()
+    loss = fused.cross_entropy(x, target)
+    (grad,) = torch.autograd.grad(loss * 1.7, x)
+    x64 = logits.double().requires_grad_()
+    want = F.cross_entropy(x64, target)
+    (want_grad,) = torch.autograd.grad(want * 1.7, x64)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert abs(loss.item() - want.item()) < 2e-6 * max(1.0, want.item())
+    assert (grad.double() - want_grad).abs().max() < 1e-6  # F.cross_entropy in fp32 is off by up to 4e-7 here
+    assert grad[::3].abs().max() == 0
+    with torch.no_grad():
+        assert fused.cross_entropy(logits, target).item() == loss.item()
+
+
+def test_cross_entropy_edge_cases_follow_torch():
+    needs_kernels()
+    big = torch.tensor([[1e4, -1e4, 0.0], [-1e30, 5.0, 5.0]])  # needs the max shift; a -1e30 logit underflows to 0
+    torch.testing.assert_close(fused.cross_entropy(big, torch.tensor([0, 1])), F.cross_entropy(big, torch.tensor([0, 1])))
+    x = torch.randn(4, 10, requires_grad=True)
+    loss = fused.cross_entropy(x, torch.full((4,), -100))  # every row ignored: nan as torch, no gradient
+    loss.backward()
+    assert loss.isnan() and F.cross_entropy(x, torch.full((4,), -100)).isnan() and x.grad.abs().max() == 0
+    with pytest.raises(RuntimeError, match="target 7 at row 1 is out of range for 5 classes"):
+        fused.cross_entropy(torch.randn(2, 5), torch.tensor([1, 7]))
+    xb = torch.randn(3, 8).bfloat16()  # other dtypes and layouts: torch's own
+    assert fused.cross_entropy(xb, torch.tensor([1, 2, 3])) == F.cross_entropy(xb, torch.tensor([1, 2, 3]))
+    x3 = torch.randn(2, 8, 3)  # (N, C, d): classes on dim 1
+    assert fused.cross_entropy(x3, torch.tensor([[1, 2, 3], [0, 1, 2]])) == \
+        F.cross_entropy(x3, torch.tensor([[1, 2, 3], [0, 1, 2]]))
+
+
 # ---------------------------------------------------------------- bad inputs
 
 
@@ -701,6 +742,7 @@ def test_env_var_forces_the_reference(monkeypatch):
         assert ops.linear is F.linear
         assert ops.rms_norm is ops.rms_norm_ref
         assert not ops.decode_fusable(torch.zeros(1, 4))
+        assert ops.cross_entropy is F.cross_entropy
     finally:
         monkeypatch.delenv("JAMBALAB_KERNELS")
         importlib.reload(ops)

@@ -4,7 +4,7 @@ available, else the pure-PyTorch reference twin (jambalab.ops.*_ref).
 Legend: B batch, L length, D d_inner, N d_state, K d_conv.
 
 - selective_scan, causal_conv1d, dt_softplus, linear, rms_norm, selective_state_update,
-  causal_conv1d_update, and the whole-layer decode steps (decode_fusable, mamba_decode,
+  causal_conv1d_update, cross_entropy, and the whole-layer decode steps (decode_fusable, mamba_decode,
   mlp_decode, moe_decode): the fused CPU
   kernels of jambalab/ops/fused.py. They check their inputs (InputError), run
   the C++ kernels for CPU tensors and the reference for any other device. The
@@ -38,6 +38,7 @@ if os.environ.get(KERNELS_ENV, "").strip().lower() == "ref":
     selective_scan = selective_scan_ref
     selective_state_update = selective_state_update_ref
     causal_conv1d_update = causal_conv1d_update_ref
+    cross_entropy = torch.nn.functional.cross_entropy
 
     def decode_fusable(*_) -> bool:
         return False  # the model then decodes layer by layer through the references above
@@ -45,6 +46,7 @@ else:
     from jambalab.ops.fused import (
         causal_conv1d,
         causal_conv1d_update,
+        cross_entropy,
         decode_fusable,
         dt_softplus,
         linear,
@@ -62,6 +64,7 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_update",
     "conv_state_update",
+    "cross_entropy",
     "decode_fusable",
     "dt_softplus",
     "dt_softplus_ref",

@@ -452,3 +452,38 @@ def moe_decode(x: Tensor, router_w: Tensor, w_gate: Tensor, w_up: Tensor, w_down
                top_k: int) -> tuple[Tensor, Tensor]:
     """The MoE layer for x (R, d): (y (R, d), router_logits (R, E))."""
     return cpu.kernels().moe_decode(x, router_w, w_gate, w_up, w_down, top_k)
+
+
+# ---------------------------------------------------------------- cross-entropy (training loss)
+
+
+class _CrossEntropyFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+        total, lse, count = cpu.kernels().ce_fwd(logits, target, ignore_index)
+        ctx.save_for_backward(logits, target, lse)
+        ctx.ignore_index, ctx.count = ignore_index, int(count)
+        return (total / count).float()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, target, lse = ctx.saved_tensors
+        scale = float(grad) / ctx.count if ctx.count else float("nan")
+        return cpu.kernels().ce_bwd(logits, target, lse, ctx.ignore_index, scale), None, None
+
+
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100) -> Tensor:
+    """F.cross_entropy(logits (T, V), target (T,), ignore_index=ignore_index), the mean over the
+    rows whose target is not ignore_index. float32 on CPU runs csrc/cross_entropy.cpp (forward
+    and backward, ~10x torch's on a 65536-class vocabulary); anything else F.cross_entropy."""
+    if (not isinstance(logits, Tensor) or not isinstance(target, Tensor) or logits.dtype != torch.float32
+            or logits.dim() != 2 or target.dtype != torch.long or target.shape != logits.shape[:1]):
+        return torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index)
+    ops = _kernels_for(logits, target)
+    if ops is None:
+        return torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index)
+    logits, target = logits.contiguous(), target.contiguous()
+    if _needs_grad(logits):
+        return _CrossEntropyFn.apply(logits, target, ignore_index)
+    total, _, count = ops.ce_fwd(logits, target, ignore_index)
+    return (total / count).float()

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "simd.h"  // exp2_fast
 
 namespace {
 
@@ -44,26 +45,6 @@ inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
 template <typename T>
 inline T from_f(float v) {
   return static_cast<T>(v);
-}
-
-// 2^u, branch-free so that GCC vectorises the loops calling it (std::exp stays a scalar
-// libm call without -ffast-math, and was most of this file's time): u = n + r with n an
-// integer, |r| <= 1/2, 2^r by its degree-6 Taylor polynomial (relative error < 2e-7).
-inline float exp2_fast(float u) {
-  u = u < -126.0f ? -126.0f : u;
-  u = u > 127.0f ? 127.0f : u;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: u + kRound holds round(u) in its low mantissa bits
-  const float t = u + kRound;
-  const float r = u - (t - kRound);
-  float p = 1.5403530e-4f;
-  p = p * r + 1.3333558e-3f;
-  p = p * r + 9.6181291e-3f;
-  p = p * r + 5.5504109e-2f;
-  p = p * r + 2.4022651e-1f;
-  p = p * r + 6.9314718e-1f;
-  p = p * r + 1.0f;
-  const int32_t n = std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(kRound);
-  return p * std::bit_cast<float>((n + 127) << 23);
 }
 
 inline float sigmoid(float v) { return 1.0f / (1.0f + exp2_fast(v * -1.4426950408889634f)); }

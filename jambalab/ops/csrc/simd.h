@@ -1,9 +1,12 @@
 // SIMD basics shared by the CPU kernels: one register of floats as a GCC vector type,
-// sized for the widest ISA the compiler targets (-march=native), and its horizontal sum.
+// sized for the widest ISA the compiler targets (-march=native), its horizontal sum, and a
+// scalar 2^u that GCC vectorises in loops.
 //
 // Legend: W lanes (floats per register).
 #pragma once
 
+#include <bit>
+#include <cstdint>
 #include <cstring>
 
 namespace {
@@ -30,6 +33,26 @@ ALWAYS_INLINE float hsum(vf v) {
   for (int w = W / 2; w >= 1; w /= 2)
     for (int i = 0; i < w; ++i) s[i] += s[i + w];
   return s[0];
+}
+
+// 2^u, branch-free so that GCC vectorises the loops calling it (std::exp stays a scalar
+// libm call without -ffast-math, and was most of the conv kernel's time): u = n + r with n an
+// integer, |r| <= 1/2, 2^r by its degree-6 Taylor polynomial (relative error < 2e-7).
+inline float exp2_fast(float u) {
+  u = u < -126.0f ? -126.0f : u;
+  u = u > 127.0f ? 127.0f : u;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: u + kRound holds round(u) in its low mantissa bits
+  const float t = u + kRound;
+  const float r = u - (t - kRound);
+  float p = 1.5403530e-4f;
+  p = p * r + 1.3333558e-3f;
+  p = p * r + 9.6181291e-3f;
+  p = p * r + 5.5504109e-2f;
+  p = p * r + 2.4022651e-1f;
+  p = p * r + 6.9314718e-1f;
+  p = p * r + 1.0f;
+  const int32_t n = std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(kRound);
+  return p * std::bit_cast<float>((n + 127) << 23);
 }
 
 }  // namespace
