@@ -22,17 +22,11 @@
 #include <tuple>
 #include <vector>
 
-#include "simd.h"  // W, vf, hsum, exp2_fast
+#include "simd.h"  // W, vf, load, hsum, exp2_fast
 
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 float row_max(const float* x, int64_t V) {
   float m = -std::numeric_limits<float>::infinity();

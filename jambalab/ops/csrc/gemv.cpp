@@ -25,17 +25,11 @@
 #include <optional>
 
 #include "kernels.h"
-#include "simd.h"  // kVecBytes, W, vf, hsum
+#include "simd.h"  // kVecBytes, W, vf, load, hsum
 
 namespace {
 
 constexpr int kMaxRows = 4;
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 // One output row o for the R rows of x: a single sequential stream through W's row (the hardware
 // prefetcher's best case; a row is re-read from L1 for r > 0), four independent accumulators

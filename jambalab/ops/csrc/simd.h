@@ -26,6 +26,13 @@ typedef float vf __attribute__((vector_size(kVecBytes)));
 // block loads) costs as much as a sizeable part of the step's work.
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
+// W floats from p (no alignment needed).
+ALWAYS_INLINE vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
 // The sum of the lanes, by halving (log2 W adds on the critical path, not W).
 ALWAYS_INLINE float hsum(vf v) {
   alignas(kVecBytes) float s[W];
