@@ -64,6 +64,7 @@ def test_quick_json_has_every_bench_and_figure(quick_json):
         diffs = [r["extra"]["max_abs_logit_diff_vs_hf"] for r in rows if r["bench"] == "prefill"]
         assert diffs and max(diffs) < 1e-3
     assert all(isinstance(t["met"], bool) for t in res["targets"])
+    assert m["huge_pages"].startswith(("on (", "off (", "unknown"))
     assert png.is_file() and png.stat().st_size > 0
 
 
@@ -72,7 +73,7 @@ def test_table_lists_every_row(quick_json):
     text = K.table(res)
     for r in res["rows"]:
         assert r["size"] in text
-    assert "GFLOP/s" in text and "GB/s" in text
+    assert "GFLOP/s" in text and "GB/s" in text and "huge pages" in text
 
 
 def test_flop_and_byte_counts_follow_the_config():

@@ -530,7 +530,8 @@ def table(results: dict) -> str:
     m = results["machine"]
     text.append("")
     text.append(f"machine: {m['cpu']}, {m['threads']} threads, load {_load(m)}; fp32 GEMM "
-                f"{m['gemm_gflops']:.0f} GFLOP/s, read {m['read_gbs']:.1f} GB/s, copy {m['copy_gbs']:.1f} GB/s")
+                f"{m['gemm_gflops']:.0f} GFLOP/s, read {m['read_gbs']:.1f} GB/s, copy {m['copy_gbs']:.1f} GB/s; "
+                f"huge pages {m.get('huge_pages', 'unknown')}")
     text.append("limit: prefill/train = model FLOPs / GEMM rate; decode = bytes per token / read bandwidth")
     for r in results["rows"]:
         if r["notes"]:

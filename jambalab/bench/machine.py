@@ -3,7 +3,8 @@
     gemm_gflops()        fp32 matmul rate (a large square torch.mm): the compute ceiling
     read_bandwidth_gbs() bytes/s summing a tensor far larger than the caches: the decode ceiling
     copy_bandwidth_gbs() bytes/s (read + write) copying it
-    machine_info()       CPU model, threads, load average, library versions
+    huge_pages()         whether torch's allocator gets transparent huge pages
+    machine_info()       CPU model, threads, load average, library versions, huge pages
 
 Figures are the best of `repeat` runs: on a shared machine the best run is the one least
 disturbed by other processes, and a physical limit is a best case by definition.
@@ -78,6 +79,20 @@ def load_average() -> float | None:
         return None
 
 
+def huge_pages() -> str:
+    """Whether torch's CPU allocator gets 2 MiB pages for large buffers: the kernel's THP mode and
+    THP_MEM_ALLOC_ENABLE (which `import jambalab` sets when it comes before `import torch`)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        mode = text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        return "unknown"
+    env = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    if mode == "always" or (mode == "madvise" and env not in (None, "", "0")):
+        return f"on (kernel THP {mode})"
+    return f"off (kernel THP {mode}, THP_MEM_ALLOC_ENABLE={'unset' if env is None else env})"
+
+
 def machine_info() -> dict:
     info = {
         "cpu": cpu_model(),
@@ -86,6 +101,7 @@ def machine_info() -> dict:
         "load_1min": load_average(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "huge_pages": huge_pages(),
     }
     try:
         import transformers
