@@ -29,7 +29,7 @@ _MAX_MASK_ELEMENTS = 1 << 25
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, L_kept, V) fp32
+    logits: torch.Tensor | None  # (B, L_kept, V) fp32; None when forward(..., return_logits=False)
     loss: torch.Tensor | None = None  # ce_loss + router_aux_loss_coef * aux_loss (when labels given)
     ce_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # router load-balancing loss (MoE models, when labels given)
@@ -393,7 +393,8 @@ class Block(nn.Module):
 
 
 class JambaLM(nn.Module):
-    """The causal LM. forward(input_ids, labels=None, cache=None, attention_mask=None, logits_to_keep=0)."""
+    """The causal LM. forward(input_ids, labels=None, cache=None, attention_mask=None, logits_to_keep=0,
+    return_logits=True)."""
 
     def __init__(self, config: JambaConfig):
         super().__init__()
@@ -442,10 +443,13 @@ class JambaLM(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: HybridCache | None = None,
-                attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0) -> ModelOutput:
+                attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
+                return_logits: bool = True) -> ModelOutput:
         """input_ids (B, L). attention_mask (B, L) marks real tokens (False/0 = padding) of THIS call;
         with a cache, earlier calls' masks are remembered. logits_to_keep > 0 computes only the last
-        that many positions' logits (prefill needs one)."""
+        that many positions' logits (prefill needs one). return_logits=False with labels (training)
+        returns the loss only: the lm_head and the loss run in row chunks (ops.linear_cross_entropy)
+        and the (B, L, V) logits and their gradient are never held."""
         self._check_inputs(input_ids, cache, attention_mask)
         past = 0 if cache is None else cache.length
         mask = None if attention_mask is None else attention_mask.bool()
@@ -462,22 +466,29 @@ class JambaLM(nn.Module):
             cache.length += input_ids.shape[1]
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        h = self.norm_f(h)
-        logits = self.lm_head(h.to(self.lm_head.weight.dtype)).float()  # (B, L, V)
-        return self._with_loss(logits, labels, router_logits, mask)
+        h = self.norm_f(h).to(self.lm_head.weight.dtype)  # (B, L, d)
+        if labels is not None and not return_logits and type(self.lm_head) is Linear:
+            return self._with_loss(None, h, labels, router_logits, mask)
+        logits = self.lm_head(h).float()  # (B, L, V)
+        return self._with_loss(logits, h, labels, router_logits, mask)
 
-    def _with_loss(self, logits, labels, router_logits, mask) -> ModelOutput:
+    def _with_loss(self, logits, h, labels, router_logits, mask) -> ModelOutput:
+        """The loss from the logits (B, L, V), or, with logits None, from the final hidden states h
+        (B, L, d) through the lm_head and the loss in chunks."""
         if labels is None:
             # No loss asked for: skip the aux loss too (a softmax, top-k and scatter per MoE layer,
             # a fifth of a decode step's ops in bench-hybrid).
             return ModelOutput(logits=logits)
         aux = router_aux_loss(router_logits, self.config.top_k, mask) if router_logits else None
-        if labels.shape != logits.shape[:2]:
-            raise InputError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape[:2])}")
+        if labels.shape != h.shape[:2]:
+            raise InputError(f"labels shape {tuple(labels.shape)} does not match the logits' {tuple(h.shape[:2])}")
         # Shift the labels, not the logits (as HF): slicing the logits makes autograd zero-fill and copy
         # a full (B, L, V) gradient (128 MiB each at 1 x 512 x 65536 fp32).
-        shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, L): position t predicts token t+1
-        ce = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # (B*L,): position t predicts token t+1
+        if logits is None:
+            ce = ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, shifted, ignore_index=-100)
+        else:
+            ce = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted, ignore_index=-100)
         loss = ce if aux is None else ce + self.config.router_aux_loss_coef * aux
         return ModelOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux)
 

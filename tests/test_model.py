@@ -41,6 +41,37 @@ def test_forward_shapes_loss_and_backward(preset):
     assert not missing, missing
 
 
+@pytest.mark.parametrize("preset,tie", [("tiny-hybrid", False), ("tiny-mamba", True), ("tiny-mixtral", False)])
+def test_training_loss_without_logits_equals_the_logits_path(preset, tie, monkeypatch):
+    """return_logits=False (what the trainer and the benchmark's step call): the lm_head and the loss in
+    row chunks; same loss, aux loss and gradients (tied embeddings included), no logits."""
+    from jambalab import ops
+    from jambalab.ops import cpu, fused
+
+    if cpu.kernels() is None or ops.linear_cross_entropy is not fused.linear_cross_entropy:
+        pytest.skip(f"fused CPU kernels unavailable or not bound: {cpu.build_error()}")
+    monkeypatch.setattr(fused, "_loss_chunk_rows", lambda vocab: 5)  # several chunks, a ragged last one
+    calls = []
+    real = fused._LinearCrossEntropyFn.apply
+    monkeypatch.setattr(fused._LinearCrossEntropyFn, "apply", lambda *a: calls.append(1) or real(*a))
+    model = jambalab.from_preset(preset, tie_embeddings=tie)
+    ids = torch.randint(0, 512, (2, 13))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    ref = model(ids, labels=labels)
+    ref.loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = model(ids, labels=labels, return_logits=False)
+    out.loss.backward()
+    assert out.logits is None and calls
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.ce_loss, ref.ce_loss, rtol=1e-5, atol=1e-6)
+    assert (out.aux_loss is None) == (ref.aux_loss is None)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_moe_dispatch_equals_dense_loop():
     from jambalab.model import MoE
 

@@ -652,6 +652,49 @@ def test_cross_entropy_edge_cases_follow_torch():
         F.cross_entropy(x3, torch.tensor([[1, 2, 3], [0, 1, 2]]))
 
 
+@pytest.mark.parametrize("rows,classes,width,chunk", [(37, 1000, 24, 8), (64, 300, 16, 64), (5, 70000, 8, None),
+                                                      (50, 257, 32, 7)])
+def test_linear_cross_entropy_matches_the_reference(rows, classes, width, chunk):
+    """The chunked lm_head + loss against its twin in fp64: the loss and both gradients, one chunk or
+    several (a ragged last one), ignored rows, forward-only."""
+    needs_kernels()
+    g = torch.Generator().manual_seed(rows)
+    h0, w0 = torch.randn(rows, width, generator=g), torch.randn(classes, width, generator=g) * 0.5
+    target = torch.randint(0, classes, (rows,), generator=g)
+    target[::4] = -100
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    loss = fused.linear_cross_entropy(h, w, target, chunk_rows=chunk)
+    gh, gw = torch.autograd.grad(loss * 1.7, (h, w))
+    h64, w64 = h0.double().requires_grad_(), w0.double().requires_grad_()
+    want = ops.linear_cross_entropy_ref(h64, w64, target)
+    want_h, want_w = torch.autograd.grad(want * 1.7, (h64, w64))
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert abs(loss.item() - want.item()) < 2e-6 * max(1.0, want.item())
+    assert (gh.double() - want_h).abs().max() < 1e-5 * max(1.0, want_h.abs().max().item())
+    assert (gw.double() - want_w).abs().max() < 1e-5 * max(1.0, want_w.abs().max().item())
+    assert gh[::4].abs().max() == 0
+    with torch.no_grad():
+        assert fused.linear_cross_entropy(h0, w0, target, chunk_rows=chunk).item() == loss.item()
+
+
+def test_linear_cross_entropy_edge_cases():
+    needs_kernels()
+    h, w = torch.randn(6, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    loss = fused.linear_cross_entropy(h, w, torch.full((6,), -100), chunk_rows=4)  # all ignored: nan, zero grads
+    loss.backward()
+    assert loss.isnan() and h.grad.abs().max() == 0 and w.grad.abs().max() == 0
+    only_w = torch.randn(6, 8)  # a gradient for the weight alone
+    (gw,) = torch.autograd.grad(fused.linear_cross_entropy(only_w, w, torch.arange(6), chunk_rows=4), (w,))
+    (want,) = torch.autograd.grad(ops.linear_cross_entropy_ref(only_w, w, torch.arange(6)), (w,))
+    torch.testing.assert_close(gw, want)
+    with pytest.raises(InputError, match="chunk_rows must be >= 1, got 0"):
+        fused.linear_cross_entropy(h, w, torch.arange(6), chunk_rows=0)
+    with pytest.raises(InputError, match="target 11 at row 5 is out of range for 11 classes"):
+        fused.linear_cross_entropy(h.detach(), w.detach(), torch.tensor([0, 1, 2, 3, 4, 11]), chunk_rows=4)
+    hb, wb = torch.randn(3, 8).bfloat16(), torch.randn(11, 8).bfloat16()  # other dtypes: the twin
+    assert fused.linear_cross_entropy(hb, wb, torch.arange(3)) == ops.linear_cross_entropy_ref(hb, wb, torch.arange(3))
+
+
 # ---------------------------------------------------------------- bad inputs
 
 

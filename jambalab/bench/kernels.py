@@ -372,7 +372,8 @@ def train_step_callable(model, ids: torch.Tensor, hf: bool) -> Callable[[], None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
     def step():
-        out = model(input_ids=ids, labels=ids, use_cache=False) if hf else model(ids, labels=ids)
+        # ours: the trainer's call, the loss only (lm_head + loss in row chunks, no (B, L, V) logits held)
+        out = model(input_ids=ids, labels=ids, use_cache=False) if hf else model(ids, labels=ids, return_logits=False)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -4,9 +4,9 @@ available, else the pure-PyTorch reference twin (jambalab.ops.*_ref).
 Legend: B batch, L length, D d_inner, N d_state, K d_conv.
 
 - selective_scan, causal_conv1d, dt_softplus, linear, rms_norm, selective_state_update,
-  causal_conv1d_update, cross_entropy, and the whole-layer decode steps (decode_fusable, mamba_decode,
-  mlp_decode, moe_decode): the fused CPU
-  kernels of jambalab/ops/fused.py. They check their inputs (InputError), run
+  causal_conv1d_update, cross_entropy, linear_cross_entropy (lm_head + loss in row chunks),
+  and the whole-layer decode steps (decode_fusable, mamba_decode, mlp_decode, moe_decode):
+  the fused CPU kernels of jambalab/ops/fused.py. They check their inputs (InputError), run
   the C++ kernels for CPU tensors and the reference for any other device. The
   C++ is compiled once per machine at the first CPU call (cached under
   ~/.cache/jambalab/torch_extensions, see jambalab/ops/cpu.py); if it cannot
@@ -26,6 +26,7 @@ import os
 import torch
 
 from jambalab.ops.conv_ref import causal_conv1d_ref, causal_conv1d_update_ref, conv_state_update
+from jambalab.ops.loss_ref import linear_cross_entropy_ref
 from jambalab.ops.scan_ref import dt_softplus_ref, rms_norm_ref, selective_scan_ref, selective_state_update_ref
 
 KERNELS_ENV = "JAMBALAB_KERNELS"
@@ -39,6 +40,7 @@ if os.environ.get(KERNELS_ENV, "").strip().lower() == "ref":
     selective_state_update = selective_state_update_ref
     causal_conv1d_update = causal_conv1d_update_ref
     cross_entropy = torch.nn.functional.cross_entropy
+    linear_cross_entropy = linear_cross_entropy_ref
 
     def decode_fusable(*_) -> bool:
         return False  # the model then decodes layer by layer through the references above
@@ -50,6 +52,7 @@ else:
         decode_fusable,
         dt_softplus,
         linear,
+        linear_cross_entropy,
         mamba_decode,
         mlp_decode,
         moe_decode,
@@ -69,6 +72,8 @@ __all__ = [
     "dt_softplus",
     "dt_softplus_ref",
     "linear",
+    "linear_cross_entropy",
+    "linear_cross_entropy_ref",
     "rms_norm",
     "rms_norm_ref",
     "selective_scan_ref",

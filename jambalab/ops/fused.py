@@ -1,8 +1,8 @@
-"""Fused CPU selective scan and decode steps: input checks, autograd, fallbacks.
+"""Fused CPU selective scan, decode steps and training loss: input checks, autograd, fallbacks.
 
 Legend: B batch, L length, D d_inner (channels), N d_state, K d_conv.
 
-Same signatures and results as the references in scan_ref.py / conv_ref.py.
+Same signatures and results as the references in scan_ref.py / conv_ref.py / loss_ref.py.
 Every call checks its inputs (a bad dtype or shape raises InputError naming the
 argument and both shapes), then runs the C++ kernels (jambalab/ops/cpu.py)
 when all tensors are on the CPU and the kernels built; otherwise the reference.
@@ -16,6 +16,9 @@ when all tensors are on the CPU and the kernels built; otherwise the reference.
 - linear: F.linear, with a multithreaded GEMV kernel for decode-sized inputs.
 - selective_state_update / causal_conv1d_update: inference only; under grad
   mode with an input that requires grad they run the reference instead.
+- cross_entropy: the training loss over (T, V) logits, forward and backward.
+- linear_cross_entropy: the lm_head and that loss in row chunks, never holding
+  the (T, V) logits (twin: loss_ref.linear_cross_entropy_ref).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from jambalab.errors import InputError
 from jambalab.ops import cpu
 from jambalab.ops.conv_ref import causal_conv1d_ref, causal_conv1d_update_ref
+from jambalab.ops.loss_ref import linear_cross_entropy_ref
 from jambalab.ops.scan_ref import dt_softplus_ref, rms_norm_ref, selective_scan_ref, selective_state_update_ref
 
 Tensor = torch.Tensor
@@ -487,3 +491,76 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100) -> T
         return _CrossEntropyFn.apply(logits, target, ignore_index)
     total, _, count = ops.ce_fwd(logits, target, ignore_index)
     return (total / count).float()
+
+
+# ---------------------------------------------------------------- lm_head + cross-entropy (training)
+
+
+def _loss_chunk_rows(vocab: int) -> int:
+    """Rows per chunk: a (rows, V) fp32 buffer of ~32 MiB, at least 16 rows."""
+    return max(16, (32 << 20) // (4 * max(1, vocab)))
+
+
+class _LinearCrossEntropyFn(torch.autograd.Function):
+    """Forward computes the loss and, when asked, both gradients, chunk by chunk through one reused
+    (rows, V) buffer: logits = h_c @ W^T, the loss terms, then the buffer is overwritten with
+    d loss / d logits and multiplied back into d h_c and d W. Backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, rows: int) -> Tensor:
+        ops = cpu.kernels()
+        T, V = h.shape[0], weight.shape[0]
+        count = int((target != ignore_index).sum())
+        scale = 1.0 / count if count else float("nan")  # all rows ignored: loss NaN, gradients 0 (as torch)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None  # (T, d)
+        grad_w = torch.zeros_like(weight) if want_w else None  # (V, d)
+        buf = h.new_empty(min(rows, T), V)  # (rows, V)
+        total = torch.zeros((), dtype=torch.float64)
+        for lo in range(0, T, rows):
+            hi = min(lo + rows, T)
+            hc, tc, logits = h[lo:hi], target[lo:hi], buf[:hi - lo]
+            torch.mm(hc, weight.t(), out=logits)
+            part, lse, _ = ops.ce_fwd(logits, tc, ignore_index)
+            total += part
+            if want_h or want_w:
+                g = ops.ce_bwd_(logits, tc, lse, ignore_index, scale)  # (r, V), in place
+                if want_h:
+                    torch.mm(g, weight, out=grad_h[lo:hi])
+                if want_w:
+                    grad_w.addmm_(g.t(), hc)
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
+        ctx.want = (want_h, want_w)
+        return (total / count).float() if count else torch.tensor(float("nan"))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        saved = list(ctx.saved_tensors)
+        grad_h = saved.pop(0) * grad if ctx.want[0] else None
+        grad_w = saved.pop(0) * grad if ctx.want[1] else None
+        return grad_h, grad_w, None, None, None
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = -100,
+                         chunk_rows: int | None = None) -> Tensor:
+    """cross_entropy(h (T, d) @ weight (V, d)^T, target (T,), ignore_index): the lm_head and the mean
+    loss without ever holding the (T, V) logits or their gradient, only one (chunk_rows, V) buffer
+    (~32 MiB by default). float32 CPU tensors outside autocast run the chunked path over
+    csrc/cross_entropy.cpp; anything else is linear_cross_entropy_ref (the twin)."""
+    if (not isinstance(h, Tensor) or not isinstance(weight, Tensor) or not isinstance(target, Tensor)
+            or h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1] or h.shape[0] == 0
+            or target.shape != h.shape[:1] or target.dtype != torch.long
+            or h.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
+        return linear_cross_entropy_ref(h, weight, target, ignore_index)
+    ops = _kernels_for(h, weight, target)
+    if ops is None:
+        return linear_cross_entropy_ref(h, weight, target, ignore_index)
+    rows = chunk_rows if chunk_rows is not None else _loss_chunk_rows(weight.shape[0])
+    if rows < 1:
+        raise InputError(f"linear_cross_entropy: chunk_rows must be >= 1, got {rows}")
+    bad = (target != ignore_index) & ((target < 0) | (target >= weight.shape[0]))  # checked here: rows are global
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0, 0])
+        raise InputError(f"linear_cross_entropy: target {int(target[r])} at row {r} is out of range for "
+                         f"{weight.shape[0]} classes")
+    return _LinearCrossEntropyFn.apply(h.contiguous(), weight.contiguous(), target.contiguous(), ignore_index, rows)

@@ -323,7 +323,7 @@ class Trainer:
 
     def _loss(self, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         self.act_terms.clear()
-        out = self.model(ids, labels=labels)
+        out = self.model(ids, labels=labels, return_logits=False)  # the loss only: no (B, L, V) logits held
         loss = out.loss
         act = torch.stack(self.act_terms).mean() if self.act_terms else None
         if act is not None:

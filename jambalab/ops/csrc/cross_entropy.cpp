@@ -104,14 +104,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd(const at::Tensor& logits, 
           lse, at::scalar_tensor(count, logits.options().dtype(at::kLong))};
 }
 
-// d loss_sum * scale / d logits: scale * (softmax(x_r) - onehot(t_r)) on kept rows, 0 on ignored ones.
-at::Tensor ce_bwd(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse, int64_t ignore_index,
-                  double scale) {
-  check(logits, target, "ce_bwd");
+// d loss_sum * scale / d logits: scale * (softmax(x_r) - onehot(t_r)) on kept rows, 0 on ignored ones,
+// written to grad (T, V), which may be logits itself (each element is read once, then written).
+void ce_grad_into(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse, int64_t ignore_index,
+                  double scale, at::Tensor& grad, const char* op) {
+  check(logits, target, op);
   const int64_t T = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 1 && lse.size(0) == T,
-              "ce_bwd: lse must be contiguous float32 (", T, ",)");
-  auto grad = at::empty({T, V}, logits.options());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 1 && lse.size(0) == T, op,
+              ": lse must be contiguous float32 (", T, ",)");
   const float* x = logits.data_ptr<float>();
   const int64_t* tg = target.data_ptr<int64_t>();
   const float* l = lse.data_ptr<float>();
@@ -131,7 +131,20 @@ at::Tensor ce_bwd(const at::Tensor& logits, const at::Tensor& target, const at::
       gr[t] -= s;
     }
   });
+}
+
+at::Tensor ce_bwd(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse, int64_t ignore_index,
+                  double scale) {
+  auto grad = at::empty(logits.sizes(), logits.options());
+  ce_grad_into(logits, target, lse, ignore_index, scale, grad, "ce_bwd");
   return grad;
+}
+
+// The same gradient, overwriting the logits (a chunk of the fused lm_head + loss reuses one buffer).
+at::Tensor ce_bwd_(at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse, int64_t ignore_index,
+                   double scale) {
+  ce_grad_into(logits, target, lse, ignore_index, scale, logits, "ce_bwd_");
+  return logits;
 }
 
 }  // namespace
@@ -139,9 +152,11 @@ at::Tensor ce_bwd(const at::Tensor& logits, const at::Tensor& target, const at::
 TORCH_LIBRARY_FRAGMENT(jambalab_kernels, m) {
   m.def("ce_fwd(Tensor logits, Tensor target, int ignore_index) -> (Tensor, Tensor, Tensor)");
   m.def("ce_bwd(Tensor logits, Tensor target, Tensor lse, int ignore_index, float scale) -> Tensor");
+  m.def("ce_bwd_(Tensor(a!) logits, Tensor target, Tensor lse, int ignore_index, float scale) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(jambalab_kernels, CPU, m) {
   m.impl("ce_fwd", &ce_fwd);
   m.impl("ce_bwd", &ce_bwd);
+  m.impl("ce_bwd_", &ce_bwd_);
 }
