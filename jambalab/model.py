@@ -213,6 +213,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, key_mas
     if key_mask is None and past == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if key_mask is None and length == 1:
+        if _split_attention_ok(q, k, v):
+            return _attend_one_query(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     if key_mask is None and _split_attention_ok(q, k, v):
         return _attend_past_and_new(q, k, v, past)
@@ -243,6 +245,17 @@ def _split_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bo
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     return _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) \
         and not needs_grad
+
+
+def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Decode: one query per head (B, H, 1, hd) over all S keys, every one visible. The GQA group
+    folds into the query axis, (B, H_kv, H/H_kv, hd), so one flash call reads each cached K/V head
+    once; SDPA with enable_gqa took 1.6-2x longer at 8K-256K cached tokens (2 threads, 8 heads,
+    2 KV heads, head_dim 32)."""
+    bsz, heads, _, hd = q.shape
+    h_kv = k.shape[1]
+    out, _ = _FLASH_CPU(q.reshape(bsz, h_kv, heads // h_kv, hd), k, v)  # (B, H_kv, group, hd)
+    return out.reshape(bsz, heads, 1, hd)
 
 
 def _attend_past_and_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:

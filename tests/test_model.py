@@ -122,6 +122,33 @@ def _masked_attention_fp64(q, k, v, past):
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
 
+@pytest.mark.parametrize("bsz,heads,kv_heads,past", [(2, 8, 2, 13), (1, 4, 4, 100), (3, 8, 1, 700), (1, 6, 2, 0)])
+def test_decode_attention_folds_the_gqa_group(bsz, heads, kv_heads, past):
+    """One query per head over every cached key: the group-folded flash call against fp64, in fp32
+    and bf16, and attend() takes it for a decode step (and the SDPA path under autograd)."""
+    from jambalab import model as M
+
+    torch.manual_seed(0)
+    q = torch.randn(bsz, heads, 1, 16)
+    k, v = torch.randn(2, bsz, kv_heads, past + 1, 16)
+    want = _masked_attention_fp64(q, k, v, past)
+    assert (M._attend_one_query(q, k, v).double() - want).abs().max() < 1e-5
+    got_bf16 = M._attend_one_query(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert got_bf16.dtype == torch.bfloat16 and (got_bf16.double() - want).abs().max() < 0.05
+    calls = []
+    real = M._attend_one_query
+    M._attend_one_query = lambda *a: calls.append(1) or real(*a)
+    try:
+        expected = [1] if past else []  # the first token of a prompt is a causal call, not a decode step
+        with torch.no_grad():
+            assert (M.attend(q, k, v, past, None).double() - want).abs().max() < 1e-5
+        assert calls == expected
+        q1 = q.clone().requires_grad_()
+        assert (M.attend(q1, k, v, past, None).double() - want).abs().max() < 1e-5 and calls == expected
+    finally:
+        M._attend_one_query = real
+
+
 @pytest.mark.parametrize("bsz,heads,kv_heads,length,past", [(2, 8, 2, 7, 13), (1, 4, 4, 64, 100), (2, 8, 2, 300, 700),
                                                           (1, 8, 1, 33, 1), (3, 6, 2, 5, 0)])
 def test_chunk_attention_split_by_past_and_new_keys(bsz, heads, kv_heads, length, past):
