@@ -1,6 +1,6 @@
-"""Decode after a long context: one token of bench-hybrid with S cached tokens, its attention as one
-group-folded flash call (jambalab.model._attend_one_query, the default on CPU) or as SDPA with
-enable_gqa (what it was before).
+"""Decode after a long context: one token of bench-hybrid with S cached tokens, its attention through
+jambalab.model._attend_one_query (fp32: the csrc/attention.cpp kernel) or through SDPA with
+enable_gqa (the twin, what it was before).
 
     python benchmarks/decode_attention.py                                  # S = 8K, 64K, 256K
     python benchmarks/decode_attention.py --lengths 1024 32768 --threads 1
@@ -42,11 +42,11 @@ def main() -> int:
     cfg, model, _ = build_pair(args.preset, with_hf=False)
     if not cfg.n_attention_layers:
         ap.error(f"{args.preset} has no attention layer")
-    folded = M._attend_one_query
-    variants = {"folded flash": folded,
+    ours = M._attend_one_query
+    variants = {"jambalab": ours,
                 "sdpa enable_gqa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)}
     print(f"{args.preset}, {args.threads} threads: ms per decode token (best of {args.repeat})")
-    print(f"{'cached':>9}{'folded flash':>15}{'sdpa enable_gqa':>18}{'speedup':>9}")
+    print(f"{'cached':>9}{'jambalab':>11}{'sdpa enable_gqa':>18}{'speedup':>9}")
     tok = torch.tensor([[5]])
     try:
         for length in args.lengths:
@@ -62,10 +62,10 @@ def main() -> int:
                         model(tok, cache=cache)
                         best[name] = min(best[name], time.perf_counter() - start)
                     cache.length = length
-            a, b = best["folded flash"] * 1e3, best["sdpa enable_gqa"] * 1e3
-            print(f"{length:>9}{a:>15.2f}{b:>18.2f}{b / a:>8.2f}x")
+            a, b = best["jambalab"] * 1e3, best["sdpa enable_gqa"] * 1e3
+            print(f"{length:>9}{a:>11.2f}{b:>18.2f}{b / a:>8.2f}x")
     finally:
-        M._attend_one_query = folded
+        M._attend_one_query = ours
     return 0
 
 

@@ -213,9 +213,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, key_mas
     if key_mask is None and past == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if key_mask is None and length == 1:
-        if _split_attention_ok(q, k, v):
-            return _attend_one_query(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return _attend_one_query(q, k, v)
     if key_mask is None and _split_attention_ok(q, k, v):
         return _attend_past_and_new(q, k, v, past)
     # Explicit boolean mask (B, 1, l, S), built per block of query rows to bound its size.
@@ -248,14 +246,20 @@ def _split_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bo
 
 
 def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Decode: one query per head (B, H, 1, hd) over all S keys, every one visible. The GQA group
-    folds into the query axis, (B, H_kv, H/H_kv, hd), so one flash call reads each cached K/V head
-    once; SDPA with enable_gqa took 1.6-2x longer at 8K-256K cached tokens (2 threads, 8 heads,
-    2 KV heads, head_dim 32)."""
+    """Decode: one query per head (B, H, 1, hd) over all S keys, every one visible.
+
+    fp32: ops.decode_attention (csrc/attention.cpp reads each cached K/V row once, the keys split
+    over the threads; its twin, and the path under autograd, is SDPA with enable_gqa). bf16 on the
+    CPU: one flash call with the GQA group folded into the query axis, (B, H_kv, H/H_kv, hd).
+    At 8K-256K cached tokens both beat SDPA with enable_gqa (docs/benchmarks.md)."""
     bsz, heads, _, hd = q.shape
-    h_kv = k.shape[1]
-    out, _ = _FLASH_CPU(q.reshape(bsz, h_kv, heads // h_kv, hd), k, v)  # (B, H_kv, group, hd)
-    return out.reshape(bsz, heads, 1, hd)
+    if q.dtype == torch.float32:
+        return ops.decode_attention(q[:, :, 0], k, v)[:, :, None]
+    if _split_attention_ok(q, k, v):
+        h_kv = k.shape[1]
+        out, _ = _FLASH_CPU(q.reshape(bsz, h_kv, heads // h_kv, hd), k, v)  # (B, H_kv, group, hd)
+        return out.reshape(bsz, heads, 1, hd)
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
 def _attend_past_and_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:

@@ -123,30 +123,66 @@ def _masked_attention_fp64(q, k, v, past):
 
 
 @pytest.mark.parametrize("bsz,heads,kv_heads,past", [(2, 8, 2, 13), (1, 4, 4, 100), (3, 8, 1, 700), (1, 6, 2, 0)])
-def test_decode_attention_folds_the_gqa_group(bsz, heads, kv_heads, past):
-    """One query per head over every cached key: the group-folded flash call against fp64, in fp32
-    and bf16, and attend() takes it for a decode step (and the SDPA path under autograd)."""
+def test_decode_attention_paths(bsz, heads, kv_heads, past, monkeypatch):
+    """One query per head over every cached key, each path against fp64: fp32 through ops.decode_attention
+    (the kernel), bf16 through the group-folded flash call, and with autograd through SDPA."""
     from jambalab import model as M
+    from jambalab import ops
 
     torch.manual_seed(0)
     q = torch.randn(bsz, heads, 1, 16)
     k, v = torch.randn(2, bsz, kv_heads, past + 1, 16)
     want = _masked_attention_fp64(q, k, v, past)
-    assert (M._attend_one_query(q, k, v).double() - want).abs().max() < 1e-5
+    calls = []
+    real = ops.decode_attention
+    monkeypatch.setattr(ops, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        assert (M.attend(q, k, v, past, None).double() - want).abs().max() < 1e-5
+    assert calls == ([1] if past else [])  # the first token of a prompt is a causal call, not a decode step
     got_bf16 = M._attend_one_query(q.bfloat16(), k.bfloat16(), v.bfloat16())
     assert got_bf16.dtype == torch.bfloat16 and (got_bf16.double() - want).abs().max() < 0.05
-    calls = []
-    real = M._attend_one_query
-    M._attend_one_query = lambda *a: calls.append(1) or real(*a)
-    try:
-        expected = [1] if past else []  # the first token of a prompt is a causal call, not a decode step
-        with torch.no_grad():
-            assert (M.attend(q, k, v, past, None).double() - want).abs().max() < 1e-5
-        assert calls == expected
-        q1 = q.clone().requires_grad_()
-        assert (M.attend(q1, k, v, past, None).double() - want).abs().max() < 1e-5 and calls == expected
-    finally:
-        M._attend_one_query = real
+    q1, q2 = q.clone().requires_grad_(), q.double().requires_grad_()
+    M._attend_one_query(q1, k, v).square().sum().backward()
+    _masked_attention_fp64(q2, k, v, past).square().sum().backward()
+    assert (q1.grad.double() - q2.grad).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("B,H,Hk,S,hd", [(1, 8, 2, 513, 32), (2, 8, 1, 5000, 64), (3, 6, 6, 7, 16), (1, 4, 2, 4097, 20),
+                                         (2, 64, 1, 2049, 8)])
+def test_decode_attention_kernel_matches_its_twin(B, H, Hk, S, hd):
+    """csrc/attention.cpp against SDPA in fp64: one split or many (2048 keys each, a ragged last one),
+    GQA / MQA / MHA, head dims that are and are not a multiple of the SIMD width, a KV-cache view."""
+    from jambalab.ops import cpu, decode_attention_ref, fused
+
+    if cpu.kernels() is None:
+        pytest.skip(f"fused CPU kernels unavailable: {cpu.build_error()}")
+    g = torch.Generator().manual_seed(S)
+    q = torch.randn(B, H, hd, generator=g)
+    cache = torch.randn(2, B, Hk, S + 10, hd, generator=g) * 2
+    k, v = cache[0][:, :, :S], cache[1][:, :, :S]  # views with capacity beyond S, as the cache passes them
+    want = decode_attention_ref(q.double(), k.double(), v.double())
+    got = cpu.kernels().decode_attention(q, k, v)
+    assert got.shape == (B, H, hd) and (got.double() - want).abs().max() < 1e-5  # |v| ~ 2: fp32 sums over S keys
+    assert torch.equal(fused.decode_attention(q, k, v), got)
+
+
+def test_decode_attention_bad_input():
+    from jambalab.errors import InputError
+    from jambalab.ops import cpu, fused
+
+    q, k = torch.randn(1, 6, 16), torch.randn(1, 4, 9, 16)
+    with pytest.raises(InputError, match="H a multiple of Hk"):
+        fused.decode_attention(q, k, k)  # 6 query heads over 4 kv heads
+    with pytest.raises(InputError, match=r"got k \(1, 2, 9, 16\), v \(1, 2, 8, 16\)"):
+        fused.decode_attention(torch.randn(1, 4, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 8, 16))
+    if cpu.kernels() is not None:  # the op itself refuses what the wrapper would have copied
+        with pytest.raises(RuntimeError, match="contiguous rows"):
+            cpu.kernels().decode_attention(torch.randn(1, 4, 16), torch.randn(1, 2, 16, 9).transpose(2, 3),
+                                           torch.randn(1, 2, 9, 16))
+    kt = torch.randn(1, 2, 16, 9).transpose(2, 3)  # strided keys: the twin, same numbers
+    q4, v4 = torch.randn(1, 4, 16), torch.randn(1, 2, 9, 16)
+    torch.testing.assert_close(fused.decode_attention(q4, kt, v4),
+                               fused.decode_attention(q4, kt.contiguous(), v4), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bsz,heads,kv_heads,length,past", [(2, 8, 2, 7, 13), (1, 4, 4, 64, 100), (2, 8, 2, 300, 700),

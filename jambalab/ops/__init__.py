@@ -5,8 +5,9 @@ Legend: B batch, L length, D d_inner, N d_state, K d_conv.
 
 - selective_scan, causal_conv1d, dt_softplus, linear, rms_norm, selective_state_update,
   causal_conv1d_update, cross_entropy, linear_cross_entropy (lm_head + loss in row chunks),
-  and the whole-layer decode steps (decode_fusable, mamba_decode, mlp_decode, moe_decode):
-  the fused CPU kernels of jambalab/ops/fused.py. They check their inputs (InputError), run
+  decode_attention (one query per head over a KV cache), and the whole-layer decode steps
+  (decode_fusable, mamba_decode, mlp_decode, moe_decode): the fused CPU kernels of
+  jambalab/ops/fused.py. They check their inputs (InputError), run
   the C++ kernels for CPU tensors and the reference for any other device. The
   C++ is compiled once per machine at the first CPU call (cached under
   ~/.cache/jambalab/torch_extensions, see jambalab/ops/cpu.py); if it cannot
@@ -26,6 +27,7 @@ import os
 import torch
 
 from jambalab.ops.conv_ref import causal_conv1d_ref, causal_conv1d_update_ref, conv_state_update
+from jambalab.ops.attention_ref import decode_attention_ref
 from jambalab.ops.loss_ref import linear_cross_entropy_ref
 from jambalab.ops.scan_ref import dt_softplus_ref, rms_norm_ref, selective_scan_ref, selective_state_update_ref
 
@@ -41,6 +43,7 @@ if os.environ.get(KERNELS_ENV, "").strip().lower() == "ref":
     causal_conv1d_update = causal_conv1d_update_ref
     cross_entropy = torch.nn.functional.cross_entropy
     linear_cross_entropy = linear_cross_entropy_ref
+    decode_attention = decode_attention_ref
 
     def decode_fusable(*_) -> bool:
         return False  # the model then decodes layer by layer through the references above
@@ -49,6 +52,7 @@ else:
         causal_conv1d,
         causal_conv1d_update,
         cross_entropy,
+        decode_attention,
         decode_fusable,
         dt_softplus,
         linear,
@@ -68,6 +72,8 @@ __all__ = [
     "causal_conv1d_update",
     "conv_state_update",
     "cross_entropy",
+    "decode_attention",
+    "decode_attention_ref",
     "decode_fusable",
     "dt_softplus",
     "dt_softplus_ref",

@@ -10,7 +10,7 @@ versions and this CPU's model and feature flags: a `-march=native` binary is
 never reused on another CPU, and a cached one loads without ninja or a compiler.
 Its ops live in `torch.ops.jambalab_kernels` (scan_fwd, scan_bwd,
 state_update, conv_update, conv_fwd, conv_bwd, dt_softplus_fwd/bwd, gemv, rms_norm, mamba_decode, mlp_decode,
-moe_decode, ce_fwd, ce_bwd, ce_bwd_); jambalab/ops/fused.py wraps them.
+moe_decode, ce_fwd, ce_bwd, ce_bwd_, decode_attention); jambalab/ops/fused.py wraps them.
 
 `kernels()` tries once per process. If the build fails it warns once and
 returns None, and the callers use the pure-PyTorch references. A build killed
@@ -139,8 +139,11 @@ def _register_fakes() -> None:
     def ce_bwd_(logits, target, lse, ignore_index, scale):
         return logits
 
+    def decode_attention(q, k, v):
+        return q.new_empty(q.shape)
+
     for fn in (scan_fwd, scan_bwd, state_update, conv_update, conv_fwd, conv_bwd, dt_softplus_fwd, dt_softplus_bwd,
-               gemv, rms_norm, mamba_decode, mlp_decode, moe_decode, ce_fwd, ce_bwd, ce_bwd_):
+               gemv, rms_norm, mamba_decode, mlp_decode, moe_decode, ce_fwd, ce_bwd, ce_bwd_, decode_attention):
         torch.library.register_fake(f"{_LIB}::{fn.__name__}", fn)
 
 

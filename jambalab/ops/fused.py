@@ -2,7 +2,8 @@
 
 Legend: B batch, L length, D d_inner (channels), N d_state, K d_conv.
 
-Same signatures and results as the references in scan_ref.py / conv_ref.py / loss_ref.py.
+Same signatures and results as the references in scan_ref.py / conv_ref.py / loss_ref.py /
+attention_ref.py.
 Every call checks its inputs (a bad dtype or shape raises InputError naming the
 argument and both shapes), then runs the C++ kernels (jambalab/ops/cpu.py)
 when all tensors are on the CPU and the kernels built; otherwise the reference.
@@ -19,6 +20,8 @@ when all tensors are on the CPU and the kernels built; otherwise the reference.
 - cross_entropy: the training loss over (T, V) logits, forward and backward.
 - linear_cross_entropy: the lm_head and that loss in row chunks, never holding
   the (T, V) logits (twin: loss_ref.linear_cross_entropy_ref).
+- decode_attention: one query per head over a whole KV cache, split over the keys
+  (twin: attention_ref.decode_attention_ref).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from jambalab.errors import InputError
 from jambalab.ops import cpu
 from jambalab.ops.conv_ref import causal_conv1d_ref, causal_conv1d_update_ref
+from jambalab.ops.attention_ref import decode_attention_ref
 from jambalab.ops.loss_ref import linear_cross_entropy_ref
 from jambalab.ops.scan_ref import dt_softplus_ref, rms_norm_ref, selective_scan_ref, selective_state_update_ref
 
@@ -564,3 +568,25 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index
         raise InputError(f"linear_cross_entropy: target {int(target[r])} at row {r} is out of range for "
                          f"{weight.shape[0]} classes")
     return _LinearCrossEntropyFn.apply(h.contiguous(), weight.contiguous(), target.contiguous(), ignore_index, rows)
+
+
+# ---------------------------------------------------------------- decode attention
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """One query per head, q (B, H, hd), over every key of k, v (B, Hk, S, hd) (views of a KV cache
+    are fine), all visible; (B, H, hd). float32 CPU tensors without autograd run csrc/attention.cpp
+    (each K/V row read once, the keys split over the threads); anything else decode_attention_ref."""
+    shapes_ok = (q.dim() == 3 and k.dim() == 4 and v.shape == k.shape and k.shape[0] == q.shape[0]
+                 and k.shape[3] == q.shape[2] and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0)
+    if not shapes_ok:
+        raise InputError(f"decode_attention: q {tuple(q.shape)} must be (B, H, hd) and k, v (B, Hk, S, hd) with H a "
+                         f"multiple of Hk, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    rows_ok = all(t.stride(3) == 1 and t.stride(2) == t.shape[3] for t in (k, v))
+    if (q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32 or not rows_ok
+            or _needs_grad(q, k, v) or q.shape[1] // k.shape[1] > 64):
+        return decode_attention_ref(q, k, v)
+    ops = _kernels_for(q, k, v)
+    if ops is None:
+        return decode_attention_ref(q, k, v)
+    return ops.decode_attention(q.contiguous(), k, v)
