@@ -123,9 +123,9 @@ def activation_bytes(cfg: JambaConfig, chunk: int, batch: int, dtype: str, conte
     A chunk after the first attends over cached keys with an explicit boolean causal mask, built
     per block of query rows (1 byte per entry, at most 32 MiB): what jambalab.model.attend does on
     a GPU, with left padding, or under autograd. CPU inference in fp32/bf16 without padding builds
-    no mask (two flash calls), so there the figure is high by at most those 32 MiB. The logits: B * V * logits_to_keep (0 = every
-    position of the chunk, as HF generate computed them for Llama/Mixtral in 2024), in the compute
-    dtype plus their fp32 copy.
+    no mask (two flash calls), so there the figure is high by at most those 32 MiB. The logits:
+    B * V * logits_to_keep (0 = every position of the chunk, as HF generate computed them for
+    Llama/Mixtral in 2024), in the compute dtype plus their fp32 copy.
     Within 0.85-1.3x of the measured peak on 8 small configs (docs/memory.md); tests/test_memory.py
     checks one within a factor of 2.
     """

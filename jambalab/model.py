@@ -251,7 +251,7 @@ def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     fp32: ops.decode_attention (csrc/attention.cpp reads each cached K/V row once, the keys split
     over the threads; its twin, and the path under autograd, is SDPA with enable_gqa). bf16 on the
     CPU: one flash call with the GQA group folded into the query axis, (B, H_kv, H/H_kv, hd).
-    At 8K-256K cached tokens both beat SDPA with enable_gqa (docs/benchmarks.md)."""
+    At 64K-256K cached tokens both beat SDPA with enable_gqa (docs/inference.md)."""
     bsz, heads, _, hd = q.shape
     if q.dtype == torch.float32:
         return ops.decode_attention(q[:, :, 0], k, v)[:, :, None]

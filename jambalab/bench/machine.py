@@ -81,7 +81,7 @@ def load_average() -> float | None:
 
 def huge_pages() -> str:
     """Whether torch's CPU allocator gets 2 MiB pages for large buffers: the kernel's THP mode and
-    THP_MEM_ALLOC_ENABLE (which `import jambalab` sets when it comes before `import torch`)."""
+    THP_MEM_ALLOC_ENABLE (torch reads it once, at its first allocation; jambalab never sets it)."""
     try:
         text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
         mode = text[text.index("[") + 1:text.index("]")]

@@ -534,14 +534,13 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
                 if want_w:
                     grad_w.addmm_(g.t(), hc)
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
-        ctx.want = (want_h, want_w)
         return (total / count).float() if count else torch.tensor(float("nan"))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         saved = list(ctx.saved_tensors)
-        grad_h = saved.pop(0) * grad if ctx.want[0] else None
-        grad_w = saved.pop(0) * grad if ctx.want[1] else None
+        grad_h = saved.pop(0) * grad if ctx.needs_input_grad[0] else None
+        grad_w = saved.pop(0) * grad if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None, None
 
 
@@ -572,6 +571,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index
 
 # ---------------------------------------------------------------- decode attention
 
+_DECODE_ATTENTION_MAX_GROUP = 64  # query heads per kv head the kernel takes (kMaxGroup in csrc/attention.cpp)
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """One query per head, q (B, H, hd), over every key of k, v (B, Hk, S, hd) (views of a KV cache
@@ -584,7 +584,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
                          f"multiple of Hk, got k {tuple(k.shape)}, v {tuple(v.shape)}")
     rows_ok = all(t.stride(3) == 1 and t.stride(2) == t.shape[3] for t in (k, v))
     if (q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32 or not rows_ok
-            or _needs_grad(q, k, v) or q.shape[1] // k.shape[1] > 64):
+            or _needs_grad(q, k, v) or q.shape[1] // k.shape[1] > _DECODE_ATTENTION_MAX_GROUP):
         return decode_attention_ref(q, k, v)
     ops = _kernels_for(q, k, v)
     if ops is None:
