@@ -122,15 +122,24 @@ class MoE(nn.Module):
         order = torch.argsort(flat, stable=True)  # token-slots grouped by expert, ascending
         token = order // self.top_k  # (T*K,) source token of each sorted slot
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        # Unbind the stacked weights once per call: indexing W[e] inside the loop makes backward ~6x slower.
-        gates, ups, downs = self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0)
+        experts_w = self.expert_weights()
         outs = []
         # index_select, not h[token]: same rows, but its backward is index_add_ (3x faster than index_put_).
         for e, xs in enumerate(torch.split(h.index_select(0, token), counts)):
             if counts[e]:
-                outs.append(ops.linear(swiglu(ops.linear(xs, gates[e]), ops.linear(xs, ups[e])), downs[e]))
+                outs.append(self.expert(xs, *experts_w[e]))
         y = torch.cat(outs) * weights.reshape(-1)[order, None]  # (T*K, d)
         return torch.zeros_like(h).index_add_(0, token, y.to(h.dtype))
+
+    def expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(gate, up, down) of each expert. The stacks are unbound once per call: indexing W[e] inside
+        the expert loop makes the backward ~6x slower. quant.QuantMoE returns quantized weights."""
+        return list(zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0)))
+
+    @staticmethod
+    def expert(x: torch.Tensor, w_gate, w_up, w_down) -> torch.Tensor:
+        """One SwiGLU expert on its tokens x (T_e, d) -> (T_e, d)."""
+        return ops.linear(swiglu(ops.linear(x, w_gate), ops.linear(x, w_up)), w_down)
 
     def _one_token(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Batch-1 decode: run the token's K experts directly (a third of dispatch's ops, no sort or scatter).
@@ -138,11 +147,10 @@ class MoE(nn.Module):
         Summed in ascending expert order, as dispatch's index_add_ over sorted slots: bitwise the same.
         """
         ids = experts[0].tolist()
+        experts_w = self.expert_weights()
         out = None
         for k in sorted(range(len(ids)), key=ids.__getitem__):
-            e = ids[k]
-            y = ops.linear(swiglu(ops.linear(h, self.w_gate[e]), ops.linear(h, self.w_up[e])), self.w_down[e])
-            y = y * weights[0, k]
+            y = self.expert(h, *experts_w[ids[k]]) * weights[0, k]
             out = y if out is None else out + y
         return out.to(h.dtype)
 
@@ -483,7 +491,7 @@ class JambaLM(nn.Module):
             cache.length += input_ids.shape[1]
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        h = self.norm_f(h).to(self.lm_head.weight.dtype)  # (B, L, d)
+        h = self.norm_f(h).to(self.embed.weight.dtype)  # (B, L, d), the model's float dtype (the head may be int8)
         if labels is not None and not return_logits and type(self.lm_head) is Linear:
             return self._with_loss(None, h, labels, router_logits, mask)
         logits = self.lm_head(h).float()  # (B, L, V)

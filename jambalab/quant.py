@@ -1,127 +1,299 @@
-"""Int8 weight-only quantization as a module swap (gpt-fast style), no calibration.
+"""Weight-only quantization (int8, 4-bit) as a module swap (gpt-fast style), no calibration, and the
+saved-quantized checkpoint format.
 
-Legend: O output features, I input features, E experts, F d_ff, d d_model, V vocab.
+Legend: O output features, I input features, E experts, F d_ff, d d_model, V vocab, G group size.
 
-Per-output-channel symmetric int8: w[o, :] ~= q[o, :] * scale[o], q in [-127, 127],
-scale = max|w[o, :]| / 127. The matmul dequantizes on the fly:
-y = (x @ q.T) * scale. Jamba-1.5's ExpertsInt8 does the same to the MoE/MLP weights and
-needs no calibration either.
+Formats (jambalab/ops/quant_ref.py): symmetric round-to-nearest per group of G input features,
+fp16 scales. "int8": q in [-127, 127], per output channel by default (G = I); "int4": two weights a
+byte, groups of 32 by default (llama.cpp's Q4_0 arithmetic). The matmuls read these directly
+(jambalab/ops/lowp.py): decode GEMVs convert in registers, prefill dequantizes a tile of rows at a
+time into the GEMM dtype.
 
-What is quantized: every nn.Linear in attention (q/k/v/o), the dense MLPs, the Mamba
-in_proj and out_proj, and the stacked MoE experts (per expert, per output channel). These
-are >95% of a Jamba's weights.
+What is quantized: every nn.Linear in attention (q/k/v/o), the dense MLPs, the Mamba in_proj and
+out_proj, the stacked MoE experts (per expert; Jamba-1.5's ExpertsInt8), and the lm_head when it
+is not tied to the embedding (Falcon Mamba's and Jamba's are not: 65K x 4096, a quarter of the
+bytes a decode step of a few-layer model reads; llama.cpp's Q8_0 / Q4_0 quantize it too).
 
-What stays in high precision, and why:
-- Mamba's A_log, D, conv1d, and the selection path x_proj -> dt_proj: dt, B and C set the
-  state's decay exp(dt * A) and input; errors there compound over the sequence, and they are
-  a few percent of a mixer's weights.
-- norms, the embedding, the MoE router (a flipped top-K choice is a large error).
-- lm_head: its error lands directly on the logits (greedy argmax), it is tied to the
-  embedding in Mamba models (quantizing would add a second copy, not save memory), and it
-  is ~0.5% of Jamba-v0.1's weights.
+What stays in the model's float dtype, and why:
+- Mamba's A_log, D, conv1d, and the selection path x_proj -> dt_proj: dt, B and C set the state's
+  decay exp(dt * A) and input; errors there compound over the sequence, and they are a few percent
+  of a mixer's weights.
+- norms, the embedding (a decode step reads one row of it), the MoE router (a flipped top-K choice
+  is a large error).
+- a lm_head tied to the embedding (Mamba): quantizing it would add a second copy, not save memory.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from jambalab import ops
+from jambalab.config import JambaConfig
+from jambalab.errors import CheckpointError, InputError
 from jambalab.model import JambaLM, MambaMixer, MoE
+from jambalab.ops.quant_ref import SCHEMES, QuantWeight, check_group_size, quantize_weight
 
 _KEEP_IN_MAMBA = ("x_proj", "dt_proj")
+DEFAULT_GROUP = {"int8": None, "int4": 32}  # None: per output channel
+FORMAT = "jambalab-weight-only"
+FORMAT_VERSION = 1
 
 
-def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (..., O, I) -> (int8 q (..., O, I), scale (..., O) in w's dtype); symmetric, per output row."""
-    amax = w.float().abs().amax(dim=-1)  # (..., O)
-    scale = (amax / 127.0).clamp(min=1e-12)  # an all-zero row gets a tiny scale, q = 0
-    q = torch.round(w.float() / scale[..., None]).clamp(-127, 127).to(torch.int8)
-    return q, scale.to(w.dtype)
+class QuantLinear(nn.Module):
+    """A Linear with an int8 / 4-bit weight: buffers `weight` (O, I) int8 or (O, I/2) uint8 and
+    `scales` (O, I/G) fp16; the bias stays in high precision."""
 
-
-class Int8Linear(nn.Module):
-    """A Linear whose weight is int8 (O, I) with one scale per output row."""
-
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: nn.Parameter | None,
+                 device: torch.device | str = "cpu"):
+        """Empty quantized storage (filled by from_linear or a checkpoint)."""
         super().__init__()
-        q, scale = quantize_per_channel(linear.weight.detach())
-        self.register_buffer("weight", q)
-        self.register_buffer("scale", scale)
-        self.bias = linear.bias  # biases stay in high precision
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        packed = in_features // 2 if bits == 4 else in_features
+        dtype = torch.uint8 if bits == 4 else torch.int8
+        self.register_buffer("weight", torch.empty(out_features, packed, dtype=dtype, device=device))
+        self.register_buffer("scales", torch.empty(out_features, in_features // group_size, dtype=torch.float16,
+                                                   device=device))
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None, name: str) -> QuantLinear:
+        qw = quantize_weight(linear.weight.detach(), bits, group_size, name)
+        q = cls(linear.in_features, linear.out_features, bits, qw.group_size, linear.bias)
+        q.weight, q.scales = qw.data, qw.scales
+        return q
+
+    @property
+    def qweight(self) -> QuantWeight:
+        return QuantWeight(self.weight, self.scales, self.bits, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return ops.linear(x, self.qweight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, group={self.group_size}"
 
 
-class Int8MoE(MoE):
-    """The MoE with int8 stacked experts: w_* (E, F, d) / (E, d, F) int8 and scales (E, F) / (E, d).
+class QuantMoE(MoE):
+    """The MoE with quantized stacked experts: buffers w_gate / w_up (E, F, d), w_down (E, d, F) in the
+    packed format, each with `<name>_scales` (E, rows, in / G). Routing is the parent's (the router
+    stays float)."""
 
-    Routing is the parent's (router stays in high precision); only the expert matmuls change."""
+    _STACKS = ("w_gate", "w_up", "w_down")
 
-    def __init__(self, moe: MoE):
+    def __init__(self, moe: MoE, bits: int, group_size: int | None):
+        """Empty quantized storage shaped for moe's experts (filled by from_moe or a checkpoint)."""
         nn.Module.__init__(self)  # skip MoE.__init__: it would allocate float experts
-        self.top_k, self.router = moe.top_k, moe.router
-        for name in ("w_gate", "w_up", "w_down"):
-            q, scale = quantize_per_channel(getattr(moe, name).detach())
-            self.register_buffer(name, q)
-            self.register_buffer(f"{name}_scale", scale)
+        self.top_k, self.router, self.bits = moe.top_k, moe.router, bits
+        dtype = torch.uint8 if bits == 4 else torch.int8
+        for w in self._STACKS:
+            E, O, I = getattr(moe, w).shape
+            G = I if group_size is None else group_size
+            device = getattr(moe, w).device
+            self.register_buffer(w, torch.empty(E, O, I // 2 if bits == 4 else I, dtype=dtype, device=device))
+            self.register_buffer(f"{w}_scales", torch.empty(E, O, I // G, dtype=torch.float16, device=device))
+            setattr(self, f"{w}_group", G)
 
-    def dispatch(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        flat = experts.reshape(-1)  # (T*K,)
-        order = torch.argsort(flat, stable=True)  # token-slots grouped by expert
-        token = order // self.top_k  # (T*K,) source token of each sorted slot
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        outs = []
-        for e, xs in enumerate(torch.split(h[token], counts)):
-            if counts[e]:
-                g, u = self._expert_linear(xs, "w_gate", e), self._expert_linear(xs, "w_up", e)
-                outs.append(self._expert_linear(F.silu(g) * u, "w_down", e))
-        y = torch.cat(outs) * weights.reshape(-1)[order, None]  # (T*K, d)
-        return torch.zeros_like(h).index_add_(0, token, y.to(h.dtype))
+    @classmethod
+    def from_moe(cls, moe: MoE, bits: int, group_size: int | None, name: str) -> QuantMoE:
+        q = cls(moe, bits, group_size)
+        for w in cls._STACKS:
+            qw = quantize_weight(getattr(moe, w).detach(), bits, group_size, f"{name}.{w}")
+            setattr(q, w, qw.data)
+            setattr(q, f"{w}_scales", qw.scales)
+        return q
 
-    def _expert_linear(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
-        q, scale = getattr(self, name)[e], getattr(self, f"{name}_scale")[e]  # (O, I), (O,)
-        return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    @property
+    def n_experts(self) -> int:
+        return self.w_gate.shape[0]
+
+    def expert_weights(self) -> list[tuple[QuantWeight, QuantWeight, QuantWeight]]:
+        stacks = [QuantWeight(getattr(self, w), getattr(self, f"{w}_scales"), self.bits, getattr(self, f"{w}_group"))
+                  for w in self._STACKS]
+        return list(zip(*(s.unbind() for s in stacks)))
 
 
 # ---------------------------------------------------------------------------------------
 # The swap
 # ---------------------------------------------------------------------------------------
+def parse_scheme(scheme: str) -> int:
+    """'int8' -> 8, 'int4' -> 4; anything else is an InputError."""
+    if scheme not in SCHEMES:
+        raise InputError(f"quantize must be one of {sorted(SCHEMES)} (or None), got {scheme!r}")
+    return SCHEMES[scheme]
+
+
 @torch.no_grad()
-def quantize_int8(model: JambaLM) -> JambaLM:
-    """Swap the quantizable modules for int8 ones, in place, one module at a time (so the peak is
-    the float model plus one int8 module). Returns the model."""
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if _should_quantize(parent, name, child):
-                setattr(parent, name, Int8Linear(child))
-            elif isinstance(child, MoE) and not isinstance(child, Int8MoE):
-                setattr(parent, name, Int8MoE(child))
+def quantize_model(model: JambaLM, scheme: str, group_size: int | None = None) -> JambaLM:
+    """Swap the quantizable modules for `scheme` ('int8' or 'int4') ones, in place, one module at a
+    time (the float weight of each is dropped as its quantized twin replaces it). group_size None
+    takes the scheme's default (int8: per output channel, int4: 32). Every group size is checked
+    against every matrix before anything is swapped, so a bad one leaves the model untouched."""
+    bits = parse_scheme(scheme)
+    group = DEFAULT_GROUP[scheme] if group_size is None else group_size
+    targets = list(_targets(model))
+    if not targets:
+        raise InputError("quantize: the model has no float matrices left to quantize (already quantized?)")
+    for name, _, _, child in targets:
+        for width in _in_features(child):
+            check_group_size(bits, width if group is None else group, width, name)
+    for name, parent, attr, child in targets:
+        if isinstance(child, MoE):
+            setattr(parent, attr, QuantMoE.from_moe(child, bits, group, name))
+        else:
+            setattr(parent, attr, QuantLinear.from_linear(child, bits, group, name))
+    model.quantization = {"scheme": scheme, "bits": bits, "group_size": group}
     return model
 
 
-def _should_quantize(parent: nn.Module, name: str, child: nn.Module) -> bool:
-    if not isinstance(child, nn.Linear):  # jambalab.model.Linear included; Int8Linear is not one
+def _targets(model: JambaLM):
+    """(qualified name, parent, attribute, module) of every module quantize_model swaps."""
+    for parent_name, parent in list(model.named_modules()):
+        for attr, child in list(parent.named_children()):
+            name = f"{parent_name}.{attr}" if parent_name else attr
+            if isinstance(child, MoE) and not isinstance(child, QuantMoE):
+                yield name, parent, attr, child
+            elif _should_quantize(model, parent, attr, child):
+                yield name, parent, attr, child
+
+
+def _in_features(module: nn.Module) -> list[int]:
+    if isinstance(module, MoE):
+        return [module.w_gate.shape[-1], module.w_down.shape[-1]]
+    return [module.in_features]
+
+
+def _should_quantize(model: JambaLM, parent: nn.Module, name: str, child: nn.Module) -> bool:
+    if not isinstance(child, nn.Linear):  # jambalab.model.Linear included; QuantLinear is not one
         return False
-    if isinstance(parent, JambaLM) and name == "lm_head":
-        return False
+    if parent is model and name == "lm_head":
+        return child.weight is not model.embed.weight  # a tied head stays float (one copy, shared)
     if isinstance(parent, MoE) and name == "router":
         return False
     return not (isinstance(parent, MambaMixer) and name in _KEEP_IN_MAMBA)
 
 
-def load_int8(path, dtype: torch.dtype | str | None = None) -> JambaLM:
-    """Load a HF checkpoint and quantize it. The float weights are loaded first (peak memory = the
-    model in `dtype`), then swapped module by module."""
-    from jambalab.hf import from_pretrained
+# ---------------------------------------------------------------------------------------
+# Saved-quantized checkpoints
+# ---------------------------------------------------------------------------------------
+def save_quantized(model: JambaLM, path: str | Path) -> None:
+    """Write a quantized model as config.json (the HF config plus a `quantization_config`) and
+    model.safetensors holding jambalab's own state-dict keys (packed weights, fp16 scales, the float
+    rest). from_pretrained / load_quantized read it back without re-quantizing. Written to a
+    temporary folder first and renamed, so a failure leaves nothing half-written."""
+    from safetensors.torch import save_file
 
-    return quantize_int8(from_pretrained(path, dtype=dtype))
+    from jambalab.hf import to_hf_config
+
+    info = getattr(model, "quantization", None)
+    if info is None:
+        raise InputError("save_quantized: the model is not quantized (call quantize_model first)")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    float_dtype = model.embed.weight.dtype
+    try:  # the HF config where one exists, so that tools can read the architecture; ours is the one loaded
+        cfg = to_hf_config(model.config, float_dtype)
+    except CheckpointError:
+        cfg = {}
+    cfg["quantization_config"] = {"quant_method": FORMAT, "format_version": FORMAT_VERSION, **info,
+                                  "float_dtype": str(float_dtype).removeprefix("torch."),
+                                  "jambalab_config": model.config.to_dict()}
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)  # the same tensor as embed.weight
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "jambalab": FORMAT})
+    path.mkdir(parents=True, exist_ok=True)
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # the config last: never beside old weights
+        f.replace(path / f.name)
+    tmp.rmdir()
+
+
+def quantization_config(path: str | Path) -> dict | None:
+    """The `quantization_config` of a checkpoint folder's config.json, or None."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    return json.loads(cfg_file.read_text()).get("quantization_config")
+
+
+@torch.no_grad()
+def load_quantized(path: str | Path, scheme: str | None = None, group_size: int | None = None) -> JambaLM:
+    """Load a checkpoint written by save_quantized: memory-mapped, never re-quantized. scheme /
+    group_size, if given, must match what was saved."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    qc = quantization_config(path)
+    if not qc or qc.get("quant_method") != FORMAT:
+        raise InputError(f"{path / 'config.json'}: not a jambalab quantized checkpoint "
+                         f"(quantization_config.quant_method must be {FORMAT!r}, got {(qc or {}).get('quant_method')!r})")
+    if qc.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path / 'config.json'}: quantized format version {qc.get('format_version')!r}, "
+                         f"this jambalab reads {FORMAT_VERSION}")
+    for key, want in (("scheme", scheme), ("group_size", group_size)):
+        if want is not None and qc.get(key) != want:
+            raise InputError(f"{path}: saved with {key}={qc.get(key)!r}, asked for {want!r}")
+    cfg = JambaConfig.from_dict(qc.get("jambalab_config") or {}, source=f"{path / 'config.json'} jambalab_config")
+    file = path / "model.safetensors"
+    if not file.is_file():
+        raise InputError(f"{path}: no model.safetensors")
+    with safe_open(str(file), framework="pt") as f:
+        model = _quantized_skeleton(cfg, qc, _float_dtype(qc, path))
+        expected = model.state_dict()
+        keys = set(f.keys())
+        want_keys = set(expected) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+        if keys != want_keys:
+            missing, extra = sorted(want_keys - keys), sorted(keys - want_keys)
+            raise InputError(f"{file}: quantized tensors do not match the config "
+                             f"(missing {missing[:5]}, unexpected {extra[:5]})")
+        tensors = {}
+        for k in sorted(keys):
+            t = f.get_tensor(k)
+            if t.shape != expected[k].shape or t.dtype != expected[k].dtype:
+                raise InputError(f"{file}: tensor {k} is {tuple(t.shape)} {t.dtype}, the config expects "
+                                 f"{tuple(expected[k].shape)} {expected[k].dtype} (another format or group size?)")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise InputError(f"{file}: tensor {k} holds NaN or Inf")
+            tensors[k] = t
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise InputError(f"{file}: no tensor for {left[:5]}")
+    model.quantization = {k: qc[k] for k in ("scheme", "bits", "group_size")}
+    return model.eval()
+
+
+def _float_dtype(qc: dict, path: Path) -> torch.dtype:
+    """The dtype of the tensors that stayed float (quantization_config.float_dtype)."""
+    name = qc.get("float_dtype")
+    if name not in ("float32", "bfloat16", "float16"):
+        raise InputError(f"{path / 'config.json'}: quantization_config.float_dtype must be float32, bfloat16 or "
+                         f"float16, got {name!r}")
+    return getattr(torch, name)
+
+
+def _quantized_skeleton(cfg, qc: dict, dtype: torch.dtype) -> JambaLM:
+    """A model of cfg on the meta device in dtype, its modules swapped as quantize_model would (shapes only)."""
+    with torch.device("meta"):
+        model = JambaLM(cfg).to(dtype)
+    bits = parse_scheme(qc["scheme"])
+    group = qc["group_size"]
+    for name, parent, attr, child in list(_targets(model)):
+        if isinstance(child, MoE):
+            setattr(parent, attr, QuantMoE(child, bits, group))
+        else:
+            width = child.in_features
+            setattr(parent, attr, QuantLinear(width, child.out_features, bits, width if group is None else group,
+                                              child.bias, device="meta"))
+    return model
 
 
 # ---------------------------------------------------------------------------------------

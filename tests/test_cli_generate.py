@@ -39,6 +39,29 @@ def test_stats_and_int8(capsys):
         assert word in err
 
 
+@pytest.mark.parametrize("flags", [["--int4"], ["--int8", "--dtype", "bf16"], ["--int8", "--group-size", "32"]])
+def test_low_precision_greedy_output_is_the_library_generation(capsys, flags):
+    from jambalab.quant import quantize_model
+
+    rc, out, err = _run(capsys, "--preset", "tiny-hybrid", "--prompt", "Hello", "--max-new-tokens", "6", *flags)
+    assert rc == 0 and err == ""
+    model = jambalab.from_preset("tiny-hybrid", seed=0).eval()
+    if "--dtype" in flags:
+        model = model.to(torch.bfloat16)
+    group = int(flags[-1]) if "--group-size" in flags else None
+    model = quantize_model(model, flags[0][2:], group)
+    tok = ByteTokenizer(eos_token_id=0)
+    new = generate(model, torch.tensor([tok.encode("Hello")]), 6, eos_token_id=0)[0, 5:].tolist()
+    assert out == tok.decode(new) + "\n"
+
+
+def test_bad_group_sizes_are_one_line_errors(capsys):
+    rc, out, err = _run(capsys, "--preset", "tiny-hybrid", "--prompt", "Hi", "--group-size", "64")
+    assert rc != 0 and "--group-size goes with --int8 or --int4" in err
+    rc, out, err = _run(capsys, "--preset", "tiny-hybrid", "--prompt", "Hi", "--int4", "--group-size", "64")
+    assert rc != 0 and "layers.0.ffn.down_proj: group size 64 does not divide its in_features 96" in err
+
+
 def test_long_prompt_file_is_prefilled_in_chunks_with_a_progress_bar(capsys, tmp_path):
     prompt = tmp_path / "long.txt"
     prompt.write_text("the quick brown fox jumps over the lazy dog. " * 200)  # 9000 byte tokens

@@ -41,3 +41,41 @@ def run_with_threads(threads: int | None, body: Callable[[], int]) -> int:
         return body()
     finally:
         torch.set_num_threads(before)
+
+
+def add_precision_args(p: argparse.ArgumentParser) -> None:
+    """--dtype, --int8 / --int4 and --group-size: the precision a model is loaded and run in."""
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="float dtype of weights and activations (default: the checkpoint's; fp32 for presets)")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--int8", dest="quantize", action="store_const", const="int8",
+                   help="int8 weight-only quantization, per output channel (jambalab.quant)")
+    q.add_argument("--int4", dest="quantize", action="store_const", const="int4",
+                   help="4-bit weight-only quantization, groups of 32 (jambalab.quant)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="quantization group size in input features (default: per channel for int8, 32 for int4)")
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def torch_dtype(args: argparse.Namespace):
+    """The torch dtype --dtype names, or None."""
+    import torch
+
+    return getattr(torch, DTYPES[args.dtype]) if getattr(args, "dtype", None) else None
+
+
+def apply_precision(model, args: argparse.Namespace):
+    """A loaded float model cast to --dtype and quantized per --int8 / --int4 (in place; returned)."""
+    from jambalab.errors import InputError
+
+    if getattr(args, "group_size", None) is not None and not getattr(args, "quantize", None):
+        raise InputError("--group-size goes with --int8 or --int4")
+    if torch_dtype(args) is not None:
+        model = model.to(torch_dtype(args))
+    if getattr(args, "quantize", None):
+        from jambalab.quant import quantize_model
+
+        model = quantize_model(model, args.quantize, args.group_size)
+    return model

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from jambalab.commands.common import add_model_source
+from jambalab.commands.common import add_model_source, add_precision_args, apply_precision, torch_dtype
 from jambalab.errors import InputError
 
 
@@ -31,7 +31,7 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk length in tokens (default 2048)")
-    p.add_argument("--int8", action="store_true", help="int8 weight-only quantization (see jambalab.quant)")
+    add_precision_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
     p.add_argument("--stats", action="store_true", help="print prefill/decode speed, peak memory, cache bytes")
     p.set_defaults(func=run)
@@ -89,16 +89,15 @@ def load_model(args: argparse.Namespace):
     """--model DIR loads a checkpoint; --preset / --config give random weights (seed 0), for trying the CLI."""
     import jambalab
     from jambalab.config import JambaConfig
-    from jambalab.quant import quantize_int8
 
     if args.model:
-        model = jambalab.from_pretrained(args.model)
+        model = jambalab.from_pretrained(args.model, dtype=torch_dtype(args))
     elif args.preset:
         model = jambalab.from_preset(args.preset, seed=0)
     else:
         model = jambalab.JambaLM.from_config(JambaConfig.from_file(args.config), seed=0)
     model.eval()
-    return quantize_int8(model) if args.int8 else model
+    return apply_precision(model, args)
 
 
 def read_prompt(args: argparse.Namespace) -> str:

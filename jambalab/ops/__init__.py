@@ -29,6 +29,7 @@ import torch
 from jambalab.ops.conv_ref import causal_conv1d_ref, causal_conv1d_update_ref, conv_state_update
 from jambalab.ops.attention_ref import decode_attention_ref
 from jambalab.ops.loss_ref import linear_cross_entropy_ref
+from jambalab.ops.quant_ref import QuantWeight, linear_ref
 from jambalab.ops.scan_ref import dt_softplus_ref, rms_norm_ref, selective_scan_ref, selective_state_update_ref
 
 KERNELS_ENV = "JAMBALAB_KERNELS"
@@ -36,7 +37,7 @@ KERNELS_ENV = "JAMBALAB_KERNELS"
 if os.environ.get(KERNELS_ENV, "").strip().lower() == "ref":
     causal_conv1d = causal_conv1d_ref
     dt_softplus = dt_softplus_ref
-    linear = torch.nn.functional.linear
+    linear = linear_ref
     rms_norm = rms_norm_ref
     selective_scan = selective_scan_ref
     selective_state_update = selective_state_update_ref
@@ -78,6 +79,8 @@ __all__ = [
     "dt_softplus",
     "dt_softplus_ref",
     "linear",
+    "linear_ref",
+    "QuantWeight",
     "linear_cross_entropy",
     "linear_cross_entropy_ref",
     "rms_norm",

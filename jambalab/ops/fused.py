@@ -31,10 +31,11 @@ from collections.abc import Callable
 import torch
 
 from jambalab.errors import InputError
-from jambalab.ops import cpu
+from jambalab.ops import cpu, lowp
 from jambalab.ops.conv_ref import causal_conv1d_ref, causal_conv1d_update_ref
 from jambalab.ops.attention_ref import decode_attention_ref
 from jambalab.ops.loss_ref import linear_cross_entropy_ref
+from jambalab.ops.quant_ref import QuantWeight
 from jambalab.ops.scan_ref import dt_softplus_ref, rms_norm_ref, selective_scan_ref, selective_state_update_ref
 
 Tensor = torch.Tensor
@@ -343,9 +344,15 @@ def dt_softplus(dt: Tensor, bias: Tensor) -> Tensor:
 _GEMV_MAX_ROWS = 4  # kMaxRows in gemv.cpp
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None) -> Tensor:
     """F.linear; for decode-sized inputs (<= 4 rows, float32, CPU, no autograd) the multithreaded
-    GEMV kernel of gemv.cpp, which reads the weight at the memory bandwidth of all cores."""
+    GEMV kernel of gemv.cpp, which reads the weight at the memory bandwidth of all cores. A bf16 or
+    fp16 weight goes to lowp.dense_linear (its own GEMV, and fp32 tiles where the CPU has no bf16 GEMM),
+    an int8 / 4-bit QuantWeight to lowp.qlinear."""
+    if isinstance(weight, QuantWeight):
+        return lowp.qlinear(x, weight, bias)
+    if weight.dtype in (torch.bfloat16, torch.float16) and weight.dim() == 2:
+        return lowp.dense_linear(x, weight, bias)
     if (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() >= 1 and weight.dim() == 2
             and x.shape[-1] == weight.shape[1] > 0 and 0 < x.numel() <= _GEMV_MAX_ROWS * x.shape[-1]
             and x.is_cpu and weight.is_cpu and weight.is_contiguous()

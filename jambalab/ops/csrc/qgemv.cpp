@@ -1,0 +1,312 @@
+// Decode GEMVs that read low-precision weights directly, and the tile dequantizer of the prefill
+// path, beside their pure-PyTorch twins (jambalab/ops/quant_ref.py):
+// - wgemv: y (R, N) = x (R, K) @ W^T (+ bias) for R <= 4 rows, W one of
+//     bf16 / fp16 (N, K)                     16-bit floats, converted to fp32 in registers;
+//     int8 (N, K) + fp16 scales (N, K/G)     w = q * s[group], q in [-127, 127];
+//     uint8 (N, K/2) + fp16 scales (N, K/G)  4-bit, w = (u - 8) * s[group], u in [0, 15];
+//   x is fp32 or bf16, the arithmetic fp32, y in x's dtype;
+// - dequant: rows [lo, hi) of such a W as a dense fp32 or bf16 (hi - lo, K) tile.
+//
+// 4-bit layout (fixed, independent of the SIMD width, so a saved checkpoint loads anywhere): each
+// run of 32 weights k0..k0+31 is 16 bytes; byte j holds weight k0+j in its low nibble and
+// k0+16+j in its high nibble (llama.cpp's Q4_0 order). G is a multiple of 32.
+//
+// Legend: R rows of x, K in_features, N out_features, G group size, W SIMD lanes.
+//
+// Why: a decode step reads every weight once, so its time is bytes / bandwidth. A dequantized
+// copy of the matrix (what quant.Int8Linear did) reads 1 byte and writes and re-reads 4 per
+// weight; torch's _weight_int8pack_mm and _weight_int4pack_mm_for_cpu ran a 1-row GEMV at
+// 1-3 GB/s on the 2-core machine. Here the weights stream through once, at the bandwidth.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+#include "simd.h"  // kVecBytes, W, vf, load, hsum
+
+namespace {
+
+constexpr int kMaxRows = 4;
+constexpr int kRun = 32;  // 4-bit packing run (16 bytes)
+
+typedef uint16_t vu16 __attribute__((vector_size(2 * W)));
+typedef uint32_t vu32 __attribute__((vector_size(4 * W)));
+
+enum class Fmt { BF16, F16, I8, I4 };
+
+ALWAYS_INLINE vf bf16_to_vf(const uint16_t* p) {
+  vu16 h;
+  std::memcpy(&h, p, sizeof h);
+  const vu32 u = __builtin_convertvector(h, vu32) << 16;  // bf16 is the top half of an fp32
+  vf f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+ALWAYS_INLINE vf f16_to_vf(const c10::Half* p) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__AVX__) && defined(__F16C__)
+  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
+  alignas(kVecBytes) float t[W];
+  for (int i = 0; i < W; ++i) t[i] = static_cast<float>(p[i]);  // vcvtph2ps with F16C
+  return load(t);
+}
+
+// W int8 -> W floats. GCC turns __builtin_convertvector(int8 -> float) into W scalar converts,
+// so the x86 paths use the sign-extending load and the int -> float convert explicitly.
+ALWAYS_INLINE vf i8_to_vf(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  alignas(kVecBytes) float t[W];
+  for (int i = 0; i < W; ++i) t[i] = static_cast<float>(p[i]);
+  return load(t);
+#endif
+}
+
+// W packed bytes -> the W low nibbles and the W high nibbles, minus 8, as floats.
+ALWAYS_INLINE void i4_to_vf(const uint8_t* p, vf& lo, vf& hi) {
+#if defined(__AVX512F__)
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i eight = _mm512_set1_epi32(8), mask = _mm512_set1_epi32(0xF);
+  lo = (vf)_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, mask), eight));
+  hi = (vf)_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight));
+#elif defined(__AVX2__)
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i eight = _mm256_set1_epi32(8), mask = _mm256_set1_epi32(0xF);
+  lo = (vf)_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, mask), eight));
+  hi = (vf)_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
+#else
+  alignas(kVecBytes) float l[W], h[W];
+  for (int i = 0; i < W; ++i) {
+    l[i] = static_cast<float>((p[i] & 0xF) - 8);
+    h[i] = static_cast<float>((p[i] >> 4) - 8);
+  }
+  lo = load(l);
+  hi = load(h);
+#endif
+}
+
+// Weights of one row as fp32 vectors, W at a time, for the two dense float formats.
+template <Fmt F>
+ALWAYS_INLINE vf wload(const void* row, int64_t k) {
+  if constexpr (F == Fmt::BF16) return bf16_to_vf(static_cast<const uint16_t*>(row) + k);
+  else if constexpr (F == Fmt::F16) return f16_to_vf(static_cast<const c10::Half*>(row) + k);
+  else return i8_to_vf(static_cast<const int8_t*>(row) + k);
+}
+
+template <Fmt F>
+ALWAYS_INLINE float wscalar(const void* row, int64_t k) {
+  if constexpr (F == Fmt::BF16) return static_cast<float>(static_cast<const c10::BFloat16*>(row)[k]);
+  else if constexpr (F == Fmt::F16) return static_cast<float>(static_cast<const c10::Half*>(row)[k]);
+  else return static_cast<float>(static_cast<const int8_t*>(row)[k]);
+}
+
+// sum_k w[k] * x[k] over [k0, k1) for the R rows of x (stride K), into acc[r] (vector partial sums).
+template <Fmt F, int R>
+ALWAYS_INLINE void dot_span(const void* row, const float* x, int64_t K, int64_t k0, int64_t k1, vf (&acc)[R]) {
+  int64_t k = k0;
+  for (; k + W <= k1; k += W) {
+    const vf w = wload<F>(row, k);
+    for (int r = 0; r < R; ++r) acc[r] += w * load(x + r * K + k);
+  }
+  if (k < k1) {  // tail: at most W - 1 weights, as one zero-padded vector
+    alignas(kVecBytes) float wt[W] = {}, xt[W] = {};
+    for (int64_t j = k; j < k1; ++j) wt[j - k] = wscalar<F>(row, j);
+    for (int r = 0; r < R; ++r) {
+      for (int64_t j = k; j < k1; ++j) xt[j - k] = x[r * K + j];
+      acc[r] += load(wt) * load(xt);
+    }
+  }
+}
+
+// 4-bit: the runs of 32 in [k0, k1) (k0, k1 multiples of 32).
+template <int R>
+ALWAYS_INLINE void dot_span_i4(const uint8_t* row, const float* x, int64_t K, int64_t k0, int64_t k1, vf (&acc)[R]) {
+  for (int64_t k = k0; k < k1; k += kRun) {
+    const uint8_t* p = row + k / 2;
+    for (int j = 0; j < kRun / 2; j += W) {  // W = 16: once; W = 8: twice; W = 4: four times
+      vf lo, hi;
+      i4_to_vf(p + j, lo, hi);
+      for (int r = 0; r < R; ++r) {
+        const float* xr = x + r * K + k + j;
+        acc[r] += lo * load(xr) + hi * load(xr + kRun / 2);
+      }
+    }
+  }
+}
+
+struct Args {
+  const float* x;  // (R, K) fp32
+  const void* w;
+  const c10::Half* scales;  // (N, K / G) or null
+  const float* bias;        // (N,) or null
+  float* y;                 // (R, N)
+  int64_t K, N, G, row_bytes;
+};
+
+template <Fmt F, int R>
+void one_output(const Args& a, int64_t o) {
+  const auto* row = static_cast<const uint8_t*>(a.w) + o * a.row_bytes;
+  vf total[R] = {};
+  if (!a.scales) {  // dense 16-bit floats
+    dot_span<F, R>(row, a.x, a.K, 0, a.K, total);
+  } else {
+    const c10::Half* s = a.scales + o * (a.K / a.G);
+    for (int64_t g = 0, k0 = 0; k0 < a.K; ++g, k0 += a.G) {
+      vf part[R] = {};
+      if constexpr (F == Fmt::I4) dot_span_i4<R>(row, a.x, a.K, k0, k0 + a.G, part);
+      else dot_span<F, R>(row, a.x, a.K, k0, k0 + a.G, part);
+      const float sg = static_cast<float>(s[g]);
+      for (int r = 0; r < R; ++r) total[r] += part[r] * sg;
+    }
+  }
+  for (int r = 0; r < R; ++r) a.y[r * a.N + o] = hsum(total[r]) + (a.bias ? a.bias[o] : 0.0f);
+}
+
+template <Fmt F, int R>
+void gemv_rows(const Args& a) {
+  // Each task reads >= ~64 KiB of weights: smaller ones cost more in the fork than they save.
+  const int64_t grain = std::max<int64_t>(4, 65536 / std::max<int64_t>(1, a.row_bytes));
+  at::parallel_for(0, a.N, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t o = lo; o < hi; ++o) one_output<F, R>(a, o);
+  });
+}
+
+template <Fmt F>
+void gemv_dispatch_rows(const Args& a, int64_t R) {
+  switch (R) {
+    case 1: gemv_rows<F, 1>(a); break;
+    case 2: gemv_rows<F, 2>(a); break;
+    case 3: gemv_rows<F, 3>(a); break;
+    default: gemv_rows<F, 4>(a); break;
+  }
+}
+
+Fmt format_of(const at::Tensor& w) {
+  switch (w.scalar_type()) {
+    case at::kBFloat16: return Fmt::BF16;
+    case at::kHalf: return Fmt::F16;
+    case at::kChar: return Fmt::I8;
+    case at::kByte: return Fmt::I4;
+    default: TORCH_CHECK(false, "wgemv: weight must be bf16, fp16, int8 or uint8 (4-bit), got ", w.scalar_type());
+  }
+}
+
+// K, the in_features, of a weight of this format ((N, K/2) bytes for 4-bit).
+int64_t in_features(const at::Tensor& w, Fmt f) { return f == Fmt::I4 ? 2 * w.size(1) : w.size(1); }
+
+void check_weight(const char* op, const at::Tensor& w, const std::optional<at::Tensor>& scales, int64_t G, Fmt f) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), op, ": weight must be contiguous 2-D, got ", w.sizes());
+  const int64_t N = w.size(0), K = in_features(w, f);
+  const bool quantized = f == Fmt::I8 || f == Fmt::I4;
+  TORCH_CHECK(quantized == scales.has_value(), op, ": scales go with int8 / 4-bit weights and only with them");
+  if (!quantized) return;
+  TORCH_CHECK(G >= 1 && K % G == 0, op, ": group size ", G, " does not divide in_features ", K);
+  TORCH_CHECK(f != Fmt::I4 || G % kRun == 0, op, ": 4-bit group size must be a multiple of ", kRun, ", got ", G);
+  TORCH_CHECK(scales->scalar_type() == at::kHalf && scales->is_contiguous() && scales->dim() == 2 &&
+                  scales->size(0) == N && scales->size(1) == K / G,
+              op, ": scales must be contiguous fp16 (", N, ", ", K / G, "), got ", scales->sizes(), " ",
+              scales->scalar_type());
+}
+
+}  // namespace
+
+namespace jambalab {
+
+at::Tensor wgemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales, int64_t G,
+                 const std::optional<at::Tensor>& bias) {
+  const Fmt f = format_of(weight);
+  check_weight("wgemv", weight, scales, G, f);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "wgemv: x must be contiguous fp32 or bf16 (R, K), got ", x.sizes(), " ", x.scalar_type());
+  const int64_t R = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(in_features(weight, f) == K, "wgemv: x ", x.sizes(), " and weight ", weight.sizes(), " disagree on K");
+  TORCH_CHECK(R >= 1 && R <= kMaxRows, "wgemv: 1 to ", kMaxRows, " rows, got ", R);
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "wgemv: bias must be contiguous float32 (N,)");
+  }
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  at::Tensor y = at::empty({R, N}, xf.options());
+  const Args a{xf.data_ptr<float>(),
+               weight.data_ptr(),
+               scales ? scales->data_ptr<c10::Half>() : nullptr,
+               bias ? bias->data_ptr<float>() : nullptr,
+               y.data_ptr<float>(),
+               K,
+               N,
+               scales ? G : K,
+               weight.size(1) * static_cast<int64_t>(weight.element_size())};
+  switch (f) {
+    case Fmt::BF16: gemv_dispatch_rows<Fmt::BF16>(a, R); break;
+    case Fmt::F16: gemv_dispatch_rows<Fmt::F16>(a, R); break;
+    case Fmt::I8: gemv_dispatch_rows<Fmt::I8>(a, R); break;
+    case Fmt::I4: gemv_dispatch_rows<Fmt::I4>(a, R); break;
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// Rows [lo, hi) of an int8 / 4-bit weight, dequantized to a dense (hi - lo, K) fp32 or bf16 tile.
+at::Tensor dequant(const at::Tensor& weight, const at::Tensor& scales, int64_t G, int64_t lo, int64_t hi,
+                   at::ScalarType dtype) {
+  const Fmt f = format_of(weight);
+  TORCH_CHECK(f == Fmt::I8 || f == Fmt::I4, "dequant: weight must be int8 or uint8 (4-bit), got ", weight.scalar_type());
+  check_weight("dequant", weight, scales, G, f);
+  TORCH_CHECK(0 <= lo && lo <= hi && hi <= weight.size(0), "dequant: rows [", lo, ", ", hi, ") outside ", weight.size(0));
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequant: fp32 or bf16 output, got ", dtype);
+  const int64_t K = in_features(weight, f), rb = weight.size(1), ng = K / G;
+  at::Tensor out = at::empty({hi - lo, K}, weight.options().dtype(dtype));
+  const auto* wp = static_cast<const uint8_t*>(weight.data_ptr());
+  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  at::parallel_for(lo, hi, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K)), [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(K);
+    for (int64_t o = r0; o < r1; ++o) {
+      const uint8_t* row = wp + o * rb;
+      for (int64_t g = 0; g < ng; ++g) {
+        const float s = static_cast<float>(sp[o * ng + g]);
+        for (int64_t k = g * G; k < (g + 1) * G; ++k) {
+          const int q = f == Fmt::I8 ? static_cast<int8_t>(row[k])
+                                     : ((row[(k & ~int64_t(kRun - 1)) / 2 + (k & 15)] >> (k & 16 ? 4 : 0)) & 0xF) - 8;
+          buf[k] = static_cast<float>(q) * s;
+        }
+      }
+      if (dtype == at::kFloat) {
+        std::memcpy(out.data_ptr<float>() + (o - lo) * K, buf.data(), K * sizeof(float));
+      } else {
+        c10::BFloat16* dst = out.data_ptr<c10::BFloat16>() + (o - lo) * K;
+        for (int64_t k = 0; k < K; ++k) dst[k] = c10::BFloat16(buf[k]);  // round to nearest even
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace jambalab
+
+TORCH_LIBRARY_FRAGMENT(jambalab_kernels, m) {
+  m.def("wgemv(Tensor x, Tensor weight, Tensor? scales, int group_size, Tensor? bias) -> Tensor");
+  m.def("dequant(Tensor weight, Tensor scales, int group_size, int lo, int hi, ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(jambalab_kernels, CPU, m) {
+  m.impl("wgemv", &jambalab::wgemv);
+  m.impl("dequant", &jambalab::dequant);
+}

@@ -1,0 +1,106 @@
+"""Linear layers over low-precision weights: bf16 / fp16 dense weights and int8 / 4-bit QuantWeights.
+
+Legend: M rows of x (tokens), K in_features, N out_features.
+
+Two regimes, chosen per call by M:
+- decode (M <= 4): csrc/qgemv.cpp's wgemv reads the weights once, in their stored format, and
+  converts them in registers: the step is bandwidth-bound, so bf16 reads half of fp32's bytes,
+  int8 a quarter, 4-bit an eighth (plus scales).
+- prefill (M > 4): the weight is expanded a tile of output rows at a time (~_TILE_BYTES, so it
+  stays in cache) into the GEMM dtype and multiplied with torch's GEMM; never a dense copy of
+  the whole matrix. The GEMM dtype is chosen once per machine: bf16 activations use the native
+  bf16 GEMM where the CPU has one (AVX512-BF16 or AMX: oneDNN), else fp32 (bf16 -> fp32 is exact,
+  and torch's bf16 GEMM without hardware support ran 3-9x slower than its fp32 one).
+
+Twins: F.linear on the dense weight (quant_ref.qlinear_ref / wgemv_ref); tests compare them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from jambalab.ops import cpu
+from jambalab.ops.quant_ref import QuantWeight, dequant_ref, qlinear_ref, wgemv_ref
+
+DECODE_ROWS = 4  # kMaxRows in qgemv.cpp
+_TILE_BYTES = 1 << 20  # one dequantized tile of output rows
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (decided once per process)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def gemm_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the prefill GEMM runs in for activations of x_dtype."""
+    return torch.bfloat16 if x_dtype == torch.bfloat16 and native_bf16() else torch.float32
+
+
+def _decode_kernels(x: Tensor, *ts: Tensor | None):
+    """The compiled ops when this call is decode-sized and inference-only on the CPU, else None."""
+    if x.dim() < 1 or x.numel() == 0 or x.numel() > DECODE_ROWS * x.shape[-1]:
+        return None
+    if x.dtype not in (torch.float32, torch.bfloat16) or torch.is_grad_enabled() and x.requires_grad:
+        return None
+    if not all(t.is_cpu for t in (x, *ts) if t is not None):
+        return None
+    return cpu.kernels()
+
+
+def _bias32(bias: Tensor | None) -> Tensor | None:
+    return None if bias is None else bias.float().contiguous()
+
+
+def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear for a bf16 / fp16 weight (N, K), any x dtype."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    ops = None if needs_grad or not weight.is_contiguous() else _decode_kernels(x, weight, bias)
+    if ops is not None:
+        y = ops.wgemv(x.reshape(-1, x.shape[-1]).contiguous(), weight, None, 0, _bias32(bias))  # (M, N)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    if needs_grad or not x.is_cpu or gemm_dtype(x.dtype) == weight.dtype == x.dtype:
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    # No native 16-bit GEMM here: fp32 tiles of the weight (an exact conversion), fp32 GEMM.
+    return _tiled(x, weight.shape[0], lambda lo, hi: weight[lo:hi].float(), weight.shape[1] * 4, bias)
+
+
+def qlinear(x: Tensor, qw: QuantWeight, bias: Tensor | None = None) -> Tensor:
+    """x (..., K) @ dequantize(qw)^T + bias, in x's dtype (inference only: no gradients)."""
+    if x.shape[-1] != qw.in_features:
+        raise ValueError(f"qlinear: x has {x.shape[-1]} features, the weight {qw.in_features}")
+    if not x.is_cpu or cpu.kernels() is None:
+        return qlinear_ref(x, qw, bias)
+    ops = _decode_kernels(x, qw.data, bias)
+    if ops is not None:
+        y = ops.wgemv(x.reshape(-1, x.shape[-1]).contiguous(), qw.data, qw.scales, qw.group_size, _bias32(bias))
+        return y.view(*x.shape[:-1], qw.out_features)
+    dtype = gemm_dtype(x.dtype)
+    ops = cpu.kernels()
+
+    def tile(lo: int, hi: int) -> Tensor:
+        return ops.dequant(qw.data, qw.scales, qw.group_size, lo, hi, dtype)
+
+    return _tiled(x, qw.out_features, tile, qw.in_features * dtype.itemsize, bias)
+
+
+def _tiled(x: Tensor, n_out: int, tile, row_bytes: int, bias: Tensor | None) -> Tensor:
+    """x (..., K) @ W^T with W produced a tile of rows at a time by tile(lo, hi) -> (hi - lo, K)."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    rows = max(16, _TILE_BYTES // max(1, row_bytes))
+    first = tile(0, min(rows, n_out))
+    xg = x2.to(first.dtype)
+    parts = [F.linear(xg, first)]
+    for lo in range(rows, n_out, rows):
+        parts.append(F.linear(xg, tile(lo, min(lo + rows, n_out))))  # (M, rows)
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (M, N)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype).view(*x.shape[:-1], n_out)
+
+
+__all__ = ["dense_linear", "qlinear", "gemm_dtype", "native_bf16", "dequant_ref", "wgemv_ref", "DECODE_ROWS"]

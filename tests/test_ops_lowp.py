@@ -1,0 +1,111 @@
+"""Low-precision linear kernels (csrc/qgemv.cpp, ops/lowp.py) against their pure-PyTorch twins."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jambalab.ops import cpu, lowp
+from jambalab.ops.quant_ref import QuantWeight, dequant_ref, qlinear_ref, quantize_weight, wgemv_ref
+
+pytestmark = pytest.mark.skipif(cpu.kernels() is None, reason=f"kernels did not build: {cpu.build_error()}")
+
+
+def _weight(fmt: str, N: int, K: int, group: int | None):
+    w = torch.randn(N, K) * 0.05
+    if fmt in ("bf16", "fp16"):
+        return w.to(torch.bfloat16 if fmt == "bf16" else torch.float16), None, 0
+    qw = quantize_weight(w, 8 if fmt == "int8" else 4, group)
+    return qw.data, qw.scales, qw.group_size
+
+
+CASES = [  # (format, N, K, group)
+    ("bf16", 37, 100, None), ("fp16", 16, 64, None), ("bf16", 300, 1024, None),
+    ("int8", 37, 100, None), ("int8", 65, 96, 32), ("int8", 300, 1024, 128),
+    ("int4", 37, 64, 32), ("int4", 129, 256, 64), ("int4", 300, 1024, 32),
+]
+
+
+@pytest.mark.parametrize("fmt,N,K,group", CASES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_wgemv_matches_its_twin(fmt, N, K, group, rows, x_dtype):
+    torch.manual_seed(rows)
+    weight, scales, G = _weight(fmt, N, K, group)
+    x = torch.randn(rows, K).to(x_dtype)
+    bias = torch.randn(N) if rows % 2 else None
+    got = cpu.kernels().wgemv(x, weight, scales, G, bias)
+    want = wgemv_ref(x, weight, scales, G, bias)
+    assert got.dtype == x_dtype and got.shape == (rows, N)
+    tol = 2e-5 if x_dtype == torch.float32 else 1e-2  # bf16 output: one rounding of a sum in another order
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("fmt,N,K,group", [c for c in CASES if c[0] in ("int8", "int4")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequant_tile_is_exactly_its_twin(fmt, N, K, group, dtype):
+    weight, scales, G = _weight(fmt, N, K, group)
+    lo, hi = 3, N - 2
+    got = cpu.kernels().dequant(weight, scales, G, lo, hi, dtype)
+    assert torch.equal(got, dequant_ref(weight, scales, G, lo, hi, dtype))
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
+@pytest.mark.parametrize("rows", [1, 4, 5, 200])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_qlinear_matches_its_twin_on_both_paths(bits, group, rows, x_dtype, monkeypatch):
+    """rows <= 4: the GEMV; more: dequantized tiles (made small here so that there are several)."""
+    monkeypatch.setattr(lowp, "_TILE_BYTES", 4096)
+    qw = quantize_weight(torch.randn(70, 256) * 0.05, bits, group)
+    x = torch.randn(2, rows, 256).to(x_dtype)
+    bias = torch.randn(70)
+    got = lowp.qlinear(x, qw, bias)
+    want = qlinear_ref(x, qw, bias)
+    assert got.shape == (2, rows, 70) and got.dtype == x_dtype
+    tol = 2e-5 if x_dtype == torch.float32 else 3e-2  # a bf16 GEMM rounds x to bf16
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_prefill_takes_fp32_tiles_without_a_native_bf16_gemm(native, monkeypatch):
+    monkeypatch.setattr(lowp, "native_bf16", lambda: native)
+    monkeypatch.setattr(lowp, "_TILE_BYTES", 4096)
+    w = (torch.randn(50, 128) * 0.05).bfloat16()
+    x = torch.randn(9, 128).bfloat16()
+    got = lowp.dense_linear(x, w)
+    want = F.linear(x.float(), w.float()).bfloat16()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    assert lowp.gemm_dtype(torch.bfloat16) == (torch.bfloat16 if native else torch.float32)
+    assert lowp.gemm_dtype(torch.float32) == torch.float32
+
+
+def test_dense_bf16_linear_keeps_autograd():
+    w = (torch.randn(8, 16) * 0.1).bfloat16().requires_grad_()
+    x = torch.randn(2, 16).bfloat16().requires_grad_()
+    lowp.dense_linear(x, w).float().sum().backward()
+    assert w.grad is not None and x.grad is not None
+
+
+def test_qlinear_rejects_a_mismatched_input():
+    qw = quantize_weight(torch.randn(8, 64), 4, 32)
+    with pytest.raises(ValueError, match="64"):
+        lowp.qlinear(torch.randn(1, 32), qw)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda w, s: (torch.randn(1, 64), w, s[:, :1].contiguous(), 32, None), "scales must be"),
+    (lambda w, s: (torch.randn(1, 64), w, s, 48, None), "does not divide"),
+    (lambda w, s: (torch.randn(5, 64), w, s, 32, None), "1 to 4 rows"),
+    (lambda w, s: (torch.randn(1, 60), w, s, 32, None), "disagree on K"),
+    (lambda w, s: (torch.randn(1, 64), w.float(), None, 0, None), "bf16, fp16, int8 or uint8"),
+])
+def test_wgemv_rejects_bad_arguments(bad, match):
+    qw = quantize_weight(torch.randn(8, 64), 4, 32)
+    with pytest.raises(RuntimeError, match=match):
+        cpu.kernels().wgemv(*bad(qw.data, qw.scales))
+
+
+def test_quant_weight_indexes_experts():
+    qw = quantize_weight(torch.randn(3, 8, 64), 4, 32)
+    assert isinstance(qw[1], QuantWeight) and qw[1].data.shape == (8, 32) and len(qw.unbind()) == 3
+    assert lowp.qlinear(torch.randn(2, 64), qw[2]).shape == (2, 8)
