@@ -17,8 +17,6 @@ Twins: F.linear on the dense weight (quant_ref.qlinear_ref / wgemv_ref); tests c
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,10 +28,14 @@ DECODE_ROWS = 4  # kMaxRows in qgemv.cpp
 _TILE_BYTES = 1 << 20  # one dequantized tile of output rows
 
 
-@functools.cache
+# Whether this CPU multiplies bf16 matrices in hardware: read once, at import (a plain constant, which
+# torch.compile folds in; the cpuinfo queries themselves cannot be traced).
+_NATIVE_BF16 = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (decided once per process)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    """Whether this CPU has a native bf16 GEMM (AVX512-BF16 or AMX, which oneDNN uses)."""
+    return _NATIVE_BF16
 
 
 def gemm_dtype(x_dtype: torch.dtype) -> torch.dtype:
