@@ -39,11 +39,12 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jambalab.generate import stream_generate
+    from jambalab.hf import resolve_model_dir
     from jambalab.tokenizer import load_tokenizer
 
     _check_args(args)
     model = load_model(args)
-    tok = load_tokenizer(args.model, model.config)
+    tok = load_tokenizer(resolve_model_dir(args.model) if args.model else None, model.config)
     ids = torch.tensor([encode_prompt(tok, read_prompt(args), args.chat)])  # (1, L)
     cache = model.allocate_cache(1, max_length=ids.shape[1] + args.max_new_tokens)
     bar = _progress_bar(ids.shape[1], args.chunk_size)
