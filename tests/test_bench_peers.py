@@ -9,6 +9,8 @@ import torch
 from safetensors import safe_open
 
 from jambalab.bench import peers
+from jambalab.bench.llamacpp import parse_llama_bench
+from jambalab.bench.machine import best_of
 from jambalab.cli import main
 
 
@@ -81,14 +83,15 @@ def test_a_precision_this_jambalab_cannot_load_is_reported_not_raised(work):
 def test_llama_bench_json_is_read_as_best_and_spread():
     records = [{"n_prompt": 512, "n_gen": 0, "samples_ts": [60.0, 62.0, 58.0], "model_size": 10, "model_n_params": 5},
                {"n_prompt": 0, "n_gen": 64, "samples_ts": [5.0, 5.4, 5.2], "model_size": 10, "model_n_params": 5}]
-    got = peers.parse_llama_bench(records)
-    assert got["prefill"]["best"] == 62.0 and got["decode"]["best"] == 5.4
-    assert got["decode"]["spread_pct"] == pytest.approx(100 * 0.4 / 5.4)
+    got = parse_llama_bench(records)
+    assert got["prefill"] == [60.0, 62.0, 58.0] and got["decode"] == [5.0, 5.4, 5.2]
     assert got["model_size"] == 10 and got["params"] == 5
+    fig = best_of(got["decode"])
+    assert fig["best"] == 5.4 and fig["spread_pct"] == pytest.approx(100 * 0.4 / 5.4)
 
 
 def test_side_by_side_table_gives_ratios_and_bandwidth_shares():
-    fig = peers.figure
+    fig = best_of
     res = {"plan": {"precisions": ["fp32", "int4"], "prompt": 512, "gen": 64, "repeat": 3, "threads": 2},
            "machine": {"cpu": "x", "cpus": 2, "threads": 2, "read_gbs": 20.0},
            "models": {"A": {"name": "a", "path": "p", "params": 1_160_000_000}},

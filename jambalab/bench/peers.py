@@ -26,14 +26,14 @@ engine's memory and threads cannot disturb the next. Figures are tokens/s, the b
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from jambalab.bench.llamacpp import LlamaCpp, find_llama_cpp, gguf_bytes_per_token, gguf_file, llama_bench
+from jambalab.bench.machine import best_of
 from jambalab.errors import InputError
 
 # (jambalab precision, llama.cpp file type) pairs, one table row each.
@@ -41,7 +41,6 @@ PAIRS = [("fp32", "F32"), ("bf16", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_0"), 
 # jambalab precision -> from_pretrained(dtype=..., quantize=...)
 PRECISIONS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8"),
               "int4": ("bfloat16", "int4")}
-CONVERTED = {"F32": "f32", "BF16": "bf16"}  # written by the converter; the others by llama-quantize from F32
 
 
 # =======================================================================================
@@ -111,134 +110,9 @@ def build_checkpoint(shape: Shape, out: Path, seed: int = 0, max_shard_size: str
     return out
 
 
-def write_tokenizer(model_dir: Path, vocab_size: int = 1000) -> Path:
-    """A small sentencepiece tokenizer.model (trained on jambalab's own source text): llama.cpp's
-    converter needs one, and pads its vocabulary up to the config's vocab_size."""
-    import io
-
-    import sentencepiece as spm
-
-    path = model_dir / "tokenizer.model"
-    if path.is_file():
-        return path
-    root = Path(__file__).resolve().parents[1]
-    lines = [ln for f in sorted(root.rglob("*.py")) for ln in f.read_text().splitlines() if ln.strip()]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size,
-                                   model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, pad_id=-1,
-                                   unk_id=0, num_threads=1, minloglevel=2)
-    path.write_bytes(buf.getvalue())
-    return path
-
-
-# =======================================================================================
-# llama.cpp: conversion, llama-bench, bytes per token
-# =======================================================================================
-@dataclass
-class LlamaCpp:
-    bench: Path  # llama-bench
-    quantize: Path  # llama-quantize, beside llama-bench
-    source: Path  # the llama.cpp tree: convert_hf_to_gguf.py, gguf-py/
-
-
-def find_llama_cpp(bench: str | None, source: str | None) -> LlamaCpp | None:
-    """The llama.cpp build named on the command line; None when neither path is given."""
-    if bench is None and source is None:
-        return None
-    if bench is None or source is None:
-        raise InputError("give both --llama-bench (the binary) and --llama-cpp-dir (the llama.cpp source tree)")
-    b, s = Path(bench), Path(source)
-    if not (b.is_file() and os.access(b, os.X_OK)):
-        raise InputError(f"--llama-bench {b} is not an executable file")
-    q = b.with_name("llama-quantize")
-    if not (q.is_file() and os.access(q, os.X_OK)):
-        raise InputError(f"no executable llama-quantize beside {b} (build the llama-quantize target too)")
-    if not (s / "convert_hf_to_gguf.py").is_file() or not (s / "gguf-py").is_dir():
-        raise InputError(f"--llama-cpp-dir {s} has no convert_hf_to_gguf.py and gguf-py/ (give the llama.cpp tree)")
-    return LlamaCpp(b.resolve(), q.resolve(), s.resolve())
-
-
-def gguf_file(llama: LlamaCpp, model_dir: Path, out_dir: Path, kind: str, threads: int, timeout_s: int) -> Path:
-    """model_dir converted to GGUF of type `kind` (F32, BF16, Q8_0, Q4_0, Q4_K_M); cached in out_dir."""
-    out = out_dir / f"{model_dir.name}-{kind.lower()}.gguf"
-    if out.is_file():
-        return out
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    if kind in CONVERTED:
-        write_tokenizer(model_dir)
-        cmd = [sys.executable, str(llama.source / "convert_hf_to_gguf.py"), str(model_dir),
-               "--outtype", CONVERTED[kind], "--outfile", str(tmp)]
-    else:
-        f32 = gguf_file(llama, model_dir, out_dir, "F32", threads, timeout_s)
-        cmd = [str(llama.quantize), str(f32), str(tmp), kind, str(threads)]
-    _run_tool(cmd, timeout_s, f"{kind} conversion of {model_dir.name}")
-    tmp.rename(out)
-    return out
-
-
-def _run_tool(cmd: list[str], timeout_s: int, what: str) -> str:
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{what} timed out after {timeout_s} s") from None
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"{what} failed (exit {done.returncode}): {tail}")
-    return done.stdout
-
-
-def llama_bench(llama: LlamaCpp, gguf: Path, plan: Plan) -> dict:
-    """llama-bench's prefill (pp) and decode (tg) figures for one file."""
-    out = _run_tool([str(llama.bench), "-m", str(gguf), "-t", str(plan.threads), "-p", str(plan.prompt),
-                     "-n", str(plan.gen), "-r", str(plan.repeat), "-o", "json"], plan.timeout_s,
-                    f"llama-bench on {gguf.name}")
-    try:
-        return parse_llama_bench(json.loads(out))
-    except (ValueError, KeyError, TypeError) as e:
-        raise RuntimeError(f"llama-bench on {gguf.name} printed no usable JSON: {e}") from None
-
-
-def parse_llama_bench(records: list[dict]) -> dict:
-    """{"prefill": figure, "decode": figure, "model_size": bytes, "params": n} from llama-bench -o json."""
-    out: dict = {}
-    for r in records:
-        what = "prefill" if r["n_prompt"] > 0 and r["n_gen"] == 0 else "decode" if r["n_gen"] > 0 else None
-        if what:
-            out[what] = figure(list(r["samples_ts"]))
-        out["model_size"], out["params"] = r.get("model_size"), r.get("model_n_params")
-    return out
-
-
-def gguf_bytes_per_token(llama: LlamaCpp, gguf: Path, top_k: int, n_experts: int) -> int:
-    """Bytes of weights one decode token reads from a GGUF file: every tensor, except that the token
-    embedding contributes one row (unless it doubles as the output matrix) and stacked experts K/E."""
-    sys.path.insert(0, str(llama.source / "gguf-py"))
-    try:
-        from gguf import GGUFReader
-    finally:
-        sys.path.pop(0)
-    tensors = {t.name: t for t in GGUFReader(str(gguf)).tensors}
-    total = 0.0
-    for name, t in tensors.items():
-        size = int(t.n_bytes)
-        if name == "token_embd.weight" and "output.weight" in tensors:
-            size //= int(t.shape[-1])  # one row: gguf shapes are (d, V), innermost first
-        elif "_exps." in name:
-            size = size * top_k / n_experts
-        total += size
-    return int(total)
-
-
 # =======================================================================================
 # jambalab: one precision of one checkpoint, in a fresh process
 # =======================================================================================
-def figure(samples: list[float]) -> dict:
-    """Tokens/s samples -> best, spread (max - min) / max in %, samples."""
-    best = max(samples)
-    return {"best": best, "spread_pct": 100 * (best - min(samples)) / best, "samples": samples}
-
-
 def measure_jambalab(spec: dict) -> dict:
     """Child side: load, then time prefill (prompt tokens, one call) and decode (gen tokens from an
     empty context), `repeat` runs each after a warm-up. A precision this jambalab cannot load
@@ -278,7 +152,7 @@ def measure_jambalab(spec: dict) -> dict:
         pre = [prefill() for _ in range(spec["repeat"])]
         decode(min(8, spec["gen"]))
         dec = [decode(spec["gen"]) for _ in range(spec["repeat"])]
-    return {"prefill": figure(pre), "decode": figure(dec), "bytes_per_token": model_bytes_per_token(model)}
+    return {"prefill": best_of(pre), "decode": best_of(dec), "bytes_per_token": model_bytes_per_token(model)}
 
 
 def count_params(model_dir: Path) -> int:
@@ -424,46 +298,36 @@ def _one_model(plan: Plan, work: Path, llama: LlamaCpp | None, shape: Shape, res
         step(f"{shape.key}: llama-bench {kind}")
         if gguf is not None:
             try:
-                got = llama_bench(llama, gguf, plan)
-                got["bytes_per_token"] = gguf_bytes_per_token(llama, gguf, top_k, n_experts)
-            except RuntimeError as e:
+                samples = llama_bench(llama, gguf, plan.threads, plan.prompt, plan.gen, plan.repeat, plan.timeout_s)
+                got = {**samples, "prefill": best_of(samples["prefill"]), "decode": best_of(samples["decode"]),
+                       "bytes_per_token": gguf_bytes_per_token(llama, gguf, top_k, n_experts)}
+            except (RuntimeError, KeyError) as e:
                 got = {"error": str(e)}
         res.llama_cpp[shape.key][kind] = got
         bar.update(1)
     step(f"{shape.key}: parity")
-    res.parity[shape.key] = parity(llama, path, work / "gguf", plan)
+    res.parity[shape.key] = _parity(llama, path, work / "gguf", plan)
     bar.update(1)
 
 
-def parity(llama: LlamaCpp, model_dir: Path, gguf_dir: Path, plan: Plan) -> dict:
-    """Greedy continuations of the same token ids in both engines (fp32 / F32), via llama-cpp-python's
-    ctypes bindings when they sit beside the llama.cpp tree (its sdist: <sdist>/vendor/llama.cpp)."""
-    bindings = llama.source.parents[1] / "llama_cpp" / "llama_cpp.py"
-    lib = _find_libllama(llama.bench)
-    if not bindings.is_file() or lib is None:
-        return {"skipped": "no llama-cpp-python bindings beside the llama.cpp tree, or no libllama.so beside "
-                           "llama-bench; docs/precision.md records the parity measured by hand"}
+def _parity(llama: LlamaCpp, model_dir: Path, gguf_dir: Path, plan: Plan) -> dict:
     gguf = gguf_dir / f"{model_dir.name}-f32.gguf"
+    if llama.bindings is None or llama.lib_dir is None:
+        return {"skipped": "no llama-cpp-python sdist around the llama.cpp tree, or no libllama.so beside "
+                           "llama-bench; docs/precision.md records the parity measured by hand"}
     if not gguf.is_file():
         return {"skipped": "no F32 GGUF (fp32 not measured)"}
-    spec = {"path": str(model_dir), "gguf": str(gguf), "bindings": str(bindings.parent.parent), "lib": str(lib),
-            "tokens": plan.parity_tokens, "prompt": min(plan.prompt, 16), "threads": plan.threads}
+    spec = {"path": str(model_dir), "gguf": str(gguf), "llama": [str(llama.bench), str(llama.quantize),
+            str(llama.source)], "tokens": plan.parity_tokens, "prompt": 16, "threads": plan.threads}
     return run_child("parity", spec, plan.timeout_s)
 
 
-def _find_libllama(bench: Path) -> Path | None:
-    for where in (bench.parent, bench.parent.parent / "src", bench.parent.parent / "lib"):
-        if (where / "libllama.so").is_file():
-            return where
-    return None
-
-
 def measure_parity(spec: dict) -> dict:
-    """Child side: greedy tokens and the first step's logits from both engines for the same prompt."""
+    """Child side: greedy tokens (after a random prompt) and the prompt's last logits, both engines, fp32."""
     import torch
 
     import jambalab
-    from jambalab.bench.llamacpp_ctypes import greedy_llama_cpp
+    from jambalab.bench.llamacpp import greedy
 
     torch.set_num_threads(spec["threads"])
     model = jambalab.from_pretrained(spec["path"], dtype="float32")
@@ -476,8 +340,8 @@ def measure_parity(spec: dict) -> dict:
         for _ in range(spec["tokens"]):
             ours.append(int(tok))
             tok = model(tok, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
-    theirs, their_first = greedy_llama_cpp(spec["bindings"], spec["lib"], spec["gguf"], ids[0].tolist(),
-                                           spec["tokens"], spec["threads"])
+    llama = LlamaCpp(*(Path(x) for x in spec["llama"]))
+    theirs, their_first = greedy(llama, Path(spec["gguf"]), ids[0].tolist(), spec["tokens"], spec["threads"])
     diff = (first - torch.tensor(their_first[:first.numel()])).abs().max().item()
     same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
     return {"tokens_equal": same, "tokens": len(ours), "first_logits_max_abs_diff": diff,
