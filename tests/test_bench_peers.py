@@ -120,3 +120,15 @@ def test_bad_arguments_are_one_line(argv, match, capsys):
     assert main(["bench", "peers", "--quick", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and "\n" not in err
+
+
+def test_converter_tokenizer_is_a_working_sentencepiece_model(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    from jambalab.bench.llamacpp import write_tokenizer
+
+    path = write_tokenizer(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    assert sp.vocab_size() == 1000 and sp.bos_id() == 1 and sp.eos_id() == 2
+    text = "def forward(self, x): # (B, L, d) ü"
+    assert sp.decode(sp.encode(text)) == text  # byte fallback: any text round-trips
+    assert write_tokenizer(tmp_path) == path  # kept, not retrained

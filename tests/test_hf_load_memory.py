@@ -26,16 +26,26 @@ m = jambalab.from_pretrained(sys.argv[1], dtype=sys.argv[2])
 peak = peak_bytes()
 size = sum(p.numel() * p.element_size() for p in m.parameters())
 largest = max(p.numel() for p in m.parameters())
+def swap(mod):  # what a weight-only quantizer does: each matrix replaced by a new 1-byte tensor
+    for name, w in list(mod.named_parameters(recurse=False)):
+        if w.dim() >= 2:
+            mod.register_buffer(name + "_q", torch.ones(w.shape, dtype=torch.int8))
+            delattr(mod, name)
+if len(sys.argv) > 4:
+    for mod in m.modules():
+        swap(mod)
+    peak = rss_bytes()
 print(peak - base, size, largest)
 """
 _SLACK = 20e6
 
 
-def load_growth(path: Path, dtype: str, scratch: Path) -> tuple[int, int, int]:
+def load_growth(path: Path, dtype: str, scratch: Path, swap: bool = False) -> tuple[int, int, int]:
     """(peak resident growth while loading, parameter bytes, largest parameter's elements), measured
-    in a fresh process after loading a tiny checkpoint once."""
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(path), dtype, str(scratch)], capture_output=True,
-                         text=True, check=True, cwd=ROOT)
+    in a fresh process after loading a tiny checkpoint once. swap: the growth after replacing every
+    matrix by an int8 tensor instead."""
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(path), dtype, str(scratch), *(["swap"] * swap)],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
     return tuple(map(int, out.stdout.split()))
 
 
@@ -54,6 +64,13 @@ def test_same_dtype_load_maps_the_file_instead_of_copying(bf16_hybrid, tmp_path)
     with torch.no_grad():
         w.add_(1)  # mapped copy-on-write: writable, and the file is untouched
     assert not torch.equal(jambalab.from_pretrained(bf16_hybrid, dtype="bfloat16").layers[0].mixer.in_proj.weight, w)
+
+
+def test_replaced_weights_give_their_file_pages_back(bf16_hybrid, tmp_path):
+    """Each mapped tensor has a mapping of its own: a quantizer swapping modules one by one frees the
+    bf16 pages as it goes, so the model ends near its quantized size, not bf16 + int8."""
+    grown, size, _ = load_growth(bf16_hybrid, "bfloat16", tmp_path, swap=True)
+    assert grown < 0.6 * size + _SLACK, f"{grown / 1e6:.0f} MB resident after swapping {size / 1e6:.0f} MB of bf16"
 
 
 def test_converting_load_holds_the_model_plus_one_tensor_not_the_file(bf16_hybrid, tmp_path):
