@@ -19,3 +19,7 @@ class CheckpointError(JambalabError):
 
 class InputError(JambalabError, ValueError):
     """Bad arguments to a model call: token ids out of range, wrong shapes, bad sampling params."""
+
+
+class UnsupportedError(JambalabError, NotImplementedError):
+    """A valid request this version of jambalab cannot carry out (e.g. a quantization scheme it lacks)."""

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jambalab.errors import CheckpointError, InputError
+from jambalab.errors import InputError
+from jambalab.hf import resolve_model_dir  # noqa: F401  (re-exported: the directory rules live with the loader)
 from jambalab.model import Attention, JambaLM, rope_rotate
 
 DEFAULT_LENGTHS = (256, 512, 1024, 2048)
@@ -32,27 +33,6 @@ DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # ---------------------------------------------------------------------------------------
 # Loading: a checkpoint directory, a `jambalab train` run, an ablation run, or a preset
 # ---------------------------------------------------------------------------------------
-def resolve_model_dir(path: str | Path) -> Path:
-    """The model directory inside what the user pointed at (first match wins): a model dir (config.json /
-    jambalab_config.json), <dir>/model, or the latest <run>/checkpoints/step-N/model of a `jambalab train`
-    or `jambalab ablate` run (or a checkpoints directory itself)."""
-    from jambalab.train.checkpoint import MODEL_DIR, NATIVE_CONFIG, latest_checkpoint
-
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p} does not exist")
-    if (p / "config.json").is_file() or (p / NATIVE_CONFIG).is_file():
-        return p
-    if (p / MODEL_DIR).is_dir():
-        return p / MODEL_DIR
-    for root in (p / "checkpoints", p):
-        ckpt = latest_checkpoint(root)
-        if ckpt is not None:
-            return ckpt / MODEL_DIR
-    raise CheckpointError(f"{p} is not a model directory, a training run or an ablation run (no config.json, "
-                          f"model/ or checkpoints/step-*/ inside)")
-
-
 def load_for_eval(path: str | Path | None = None, preset: str | None = None, seed: int = 0):
     """(model in eval mode, tokenizer, description). A preset gives a randomly initialised model."""
     from jambalab.tokenizer import load_tokenizer

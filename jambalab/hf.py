@@ -1,10 +1,20 @@
 """HuggingFace checkpoints in and out: config.json + safetensors (single file or sharded).
 
 Families: model_type "jamba" (JambaForCausalLM), "mamba" (MambaForCausalLM) and
-"falcon_mamba" (FalconMambaForCausalLM). Weights are streamed one tensor at a
-time into a model built on the meta device, so peak memory while loading stays
-near the model's own size. The key map is explicit (litgpt style): every tensor
-we expect is named, anything missing, extra or mis-shaped is an error.
+"falcon_mamba" (FalconMambaForCausalLM). The model is built on the meta device and
+its tensors are assigned one at a time:
+
+  - a tensor already in the wanted dtype is memory-mapped, not copied: it is a view of
+    the file through its own mapping, so its pages are read on first use and unmapped
+    when the tensor is freed (quantizing a model frees its float weights module by module);
+  - a tensor in another dtype is converted on its own and its file pages released, so
+    loading never holds more than the model plus one tensor (never the model in fp32 and
+    the file at once).
+
+Every tensor is checked for NaN and Inf as it is read. The key map is explicit (litgpt
+style): every tensor we expect is named, anything missing, extra or mis-shaped is an error.
+A directory may be a model directory or anything that holds one (a training checkpoint
+step-N/, a training run), see resolve_model_dir.
 """
 
 from __future__ import annotations
@@ -32,14 +42,38 @@ _EXPERT_PARAMS = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj
 # =======================================================================================
 # Config
 # =======================================================================================
+def resolve_model_dir(path: str | Path) -> Path:
+    """The model directory inside what the user pointed at (first match wins): a model directory
+    (config.json or jambalab_config.json), <dir>/model (a training checkpoint step-N/), or the latest
+    <run>/checkpoints/step-N/model of a `jambalab train` or `jambalab ablate` run (or of a
+    checkpoints directory itself)."""
+    from jambalab.train.checkpoint import MODEL_DIR, NATIVE_CONFIG, latest_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist")
+    if (p / "config.json").is_file() or (p / NATIVE_CONFIG).is_file():
+        return p
+    if (p / MODEL_DIR).is_dir():
+        return p / MODEL_DIR
+    for root in (p / "checkpoints", p):
+        ckpt = latest_checkpoint(root)
+        if ckpt is not None:
+            return ckpt / MODEL_DIR
+    raise CheckpointError(f"{p} is not a model directory, a training run or an ablation run (no config.json, "
+                          f"model/ or checkpoints/step-*/ inside)")
+
+
 def load_config(path: str | Path) -> JambaConfig:
-    """Read a checkpoint directory's config.json into a JambaConfig."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    """Read a checkpoint directory's config.json into a JambaConfig (path as resolve_model_dir takes it)."""
+    given = Path(path)
+    if not given.is_dir():
+        raise CheckpointError(f"checkpoint directory {given} does not exist")
+    path = resolve_model_dir(given)
+    native = _native_config(path)
+    if native is not None:
+        return native
     cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{path} has no config.json")
     try:
         hf = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -53,8 +87,21 @@ def load_config(path: str | Path) -> JambaConfig:
         raise ConfigError(f"{cfg_file}: {e}") from None
     except KeyError as e:
         raise CheckpointError(f"{cfg_file}: required key {e} is missing") from None
-    cfg.name = path.name
+    cfg.name = given.name
     return cfg
+
+
+def _native_config(path: Path) -> JambaConfig | None:
+    """The config of a model saved in jambalab's own layout (jambalab.train.checkpoint), else None."""
+    from jambalab.train.checkpoint import NATIVE_CONFIG
+
+    file = path / NATIVE_CONFIG
+    if not file.is_file():
+        return None
+    try:
+        return JambaConfig.from_dict(json.loads(file.read_text()), source=str(file))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
 
 
 def _first(v):
@@ -229,7 +276,7 @@ def _hf_name(cfg: JambaConfig, key: str) -> str | list[str]:
 # Loading
 # =======================================================================================
 class _TensorSource:
-    """All tensors of a checkpoint directory, opened lazily per file."""
+    """All tensors of a checkpoint directory: names from the headers, tensors read one at a time."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -244,7 +291,6 @@ class _TensorSource:
             self.file_of = {k: single for k in self._keys_of(single)}
         else:
             raise CheckpointError(f"{path} holds no weights (no model.safetensors or model.safetensors.index.json)")
-        self._open: dict[Path, Any] = {}
 
     @staticmethod
     def _keys_of(file: Path) -> list[str]:
@@ -257,24 +303,44 @@ class _TensorSource:
             raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
 
     def get(self, key: str) -> torch.Tensor:
+        """The tensor as stored: a view of the file through a mapping of its own (safetensors maps
+        the file when it is opened), which is unmapped when the last view of it is freed. So a
+        tensor kept as is costs only its own pages, and a converted one's pages go with it."""
         from safetensors import safe_open
 
         file = self.file_of[key]
+        if not file.is_file():
+            raise CheckpointError(f"{file} (listed in the index for {key}) does not exist")
         try:
-            if file not in self._open:
-                if not file.is_file():
-                    raise CheckpointError(f"{file} (listed in the index for {key}) does not exist")
-                self._open[file] = safe_open(str(file), "pt")
-            return self._open[file].get_tensor(key)
-        except CheckpointError:
-            raise
-        except Exception as e:  # truncated data, bad offsets
+            with safe_open(str(file), "pt") as f:
+                return f.get_tensor(key)
+        except Exception as e:  # truncated data, bad offsets, a key the index lists but the shard lacks
             raise CheckpointError(f"{file}: cannot read tensor {key} (truncated or corrupt file?): {e}") from None
 
 
-def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) -> JambaLM:
-    """Load a HF checkpoint directory; dtype None keeps the checkpoint's dtype (config.json 'dtype')."""
-    path = Path(path)
+def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, quantize: str | None = None,
+                    group_size: int | None = None) -> JambaLM:
+    """Load a HF checkpoint directory (or a directory holding one, see resolve_model_dir).
+
+    dtype None keeps the checkpoint's dtype (config.json 'dtype'); a tensor already in `dtype` is
+    memory-mapped, not copied. quantize ("int8" or "int4"; see jambalab.quant.quantize_model)
+    quantizes the loaded model module by module, with `group_size` (None: the scheme's default). A
+    checkpoint written by jambalab.quant.save_quantized loads as stored (quantize / group_size, if
+    given, must match it; dtype must be its float dtype).
+    """
+    path = resolve_model_dir(path)
+    from jambalab import quant
+
+    if quant.quantization_config(path) is not None:  # saved quantized: loaded as stored, never re-quantized
+        return quant.load_quantized(path, scheme=quantize, group_size=group_size, dtype=dtype)
+    if _native_config(path) is not None:
+        model = _load_native(path, dtype)
+    else:
+        model = _load_hf(path, dtype)
+    return _quantize(model, quantize, group_size) if quantize is not None else model
+
+
+def _load_hf(path: Path, dtype: torch.dtype | str | None) -> JambaLM:
     cfg = load_config(path)
     target = _resolve_dtype(dtype, path)
     source = _TensorSource(path)
@@ -288,6 +354,20 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) ->
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.eval()
+
+
+def _load_native(path: Path, dtype: torch.dtype | str | None) -> JambaLM:
+    """A model that `jambalab train` saved in jambalab's own layout (configs transformers cannot run)."""
+    from jambalab.train.checkpoint import load_model
+
+    model = load_model(path).eval()
+    return model if dtype is None else model.to(_resolve_dtype(dtype, path))
+
+
+def _quantize(model: JambaLM, how: str, group_size: int | None) -> JambaLM:
+    from jambalab.quant import quantize_model
+
+    return quantize_model(model, how, group_size=group_size)
 
 
 def _resolve_dtype(dtype, path: Path) -> torch.dtype:
@@ -324,15 +404,41 @@ def _check_tied_head(source: _TensorSource, key_map: dict) -> None:
 
 def _read(source: _TensorSource, ours: str, theirs: str | list[str], shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(theirs, str):
-        t = source.get(theirs)
-        _check_shape(source, theirs, tuple(t.shape), tuple(shape))
-        return t.to(dtype)
+        return _converted(source, theirs, tuple(shape), dtype)
     out = torch.empty(shape, dtype=dtype)  # stack experts slice by slice: no second full copy
     for e, name in enumerate(theirs):
-        t = source.get(name)
-        _check_shape(source, name, tuple(t.shape), tuple(shape[1:]))
-        out[e].copy_(t)
+        out[e].copy_(_converted(source, name, tuple(shape[1:]), dtype))
     return out
+
+
+def _converted(source: _TensorSource, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor, checked (shape, finite) and in `dtype`: the file's own view when it already is."""
+    t = source.get(name)
+    _check_shape(source, name, tuple(t.shape), shape)
+    _check_finite(t, name, source.file_of[name])
+    if t.dtype == dtype:
+        return t
+    out = t.to(dtype)
+    if dtype == torch.float16 and t.dtype != torch.float16:  # float16's range is far narrower than bf16/fp32's
+        _check_finite(out, name, source.file_of[name], cast_to=dtype)
+    return out
+
+
+def _check_finite(t: torch.Tensor, name: str, file: Path, cast_to: torch.dtype | None = None) -> None:
+    """Raise naming the tensor and file if t has a NaN or an Inf (cast_to: t was just cast to that
+    dtype, so an Inf means overflow). NaN and Inf survive a sum, so one sum (no temporaries: an
+    elementwise check would leave tensor-sized blocks in the allocator's heap) clears almost every
+    tensor; only a sum that is not finite is looked at value by value."""
+    if not t.is_floating_point() or torch.isfinite(t.sum()):
+        return
+    n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    if n_nan + n_inf == 0:
+        return  # the sum itself overflowed
+    if cast_to is not None:
+        raise CheckpointError(f"{file}: tensor {name} overflows {str(cast_to).removeprefix('torch.')}; "
+                              "load it in bfloat16 or float32")
+    raise CheckpointError(f"{file}: tensor {name} holds {n_nan} NaN and {n_inf} Inf values (of {t.numel()}); "
+                          "the checkpoint is corrupt or was saved from a diverged run")
 
 
 def _check_shape(source: _TensorSource, name: str, got: tuple, want: tuple) -> None:

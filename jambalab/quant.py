@@ -219,13 +219,18 @@ def quantization_config(path: str | Path) -> dict | None:
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         return None
-    return json.loads(cfg_file.read_text()).get("quantization_config")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # not ours to judge: the float loader names what is wrong with it
+    return cfg.get("quantization_config") if isinstance(cfg, dict) else None
 
 
 @torch.no_grad()
-def load_quantized(path: str | Path, scheme: str | None = None, group_size: int | None = None) -> JambaLM:
+def load_quantized(path: str | Path, scheme: str | None = None, group_size: int | None = None,
+                   dtype: torch.dtype | str | None = None) -> JambaLM:
     """Load a checkpoint written by save_quantized: memory-mapped, never re-quantized. scheme /
-    group_size, if given, must match what was saved."""
+    group_size / dtype (of the float tensors), if given, must match what was saved."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -239,12 +244,15 @@ def load_quantized(path: str | Path, scheme: str | None = None, group_size: int 
     for key, want in (("scheme", scheme), ("group_size", group_size)):
         if want is not None and qc.get(key) != want:
             raise InputError(f"{path}: saved with {key}={qc.get(key)!r}, asked for {want!r}")
+    float_dtype = _float_dtype(qc, path)
+    if dtype is not None and (dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)) != float_dtype:
+        raise InputError(f"{path}: saved quantized with {float_dtype} float tensors, asked for dtype {dtype}")
     cfg = JambaConfig.from_dict(qc.get("jambalab_config") or {}, source=f"{path / 'config.json'} jambalab_config")
     file = path / "model.safetensors"
     if not file.is_file():
         raise InputError(f"{path}: no model.safetensors")
     with safe_open(str(file), framework="pt") as f:
-        model = _quantized_skeleton(cfg, qc, _float_dtype(qc, path))
+        model = _quantized_skeleton(cfg, qc, float_dtype)
         expected = model.state_dict()
         keys = set(f.keys())
         want_keys = set(expected) - ({"lm_head.weight"} if cfg.tie_embeddings else set())

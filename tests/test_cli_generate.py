@@ -77,6 +77,19 @@ def test_checkpoint_with_tokenizer_and_chat_template(capsys, tmp_path):
     assert rc == 0 and out.endswith("\n")
 
 
+def test_training_checkpoint_directory_is_accepted_as_model(capsys, tmp_path):
+    """`jambalab train` prints checkpoints/step-N; its model (and tokenizer) live in step-N/model/."""
+    model_dir = tmp_path / "run" / "checkpoints" / "step-00000373" / "model"
+    jambalab.from_preset("tiny-hybrid", seed=3).save_pretrained(model_dir)
+    build_tokenizer_json(model_dir)
+    outs = []
+    for where in (model_dir, model_dir.parent, tmp_path / "run"):
+        rc, out, err = _run(capsys, "--model", str(where), "--prompt", "hello world", "--max-new-tokens", "5")
+        assert rc == 0, err
+        outs.append(out)
+    assert outs[0] == outs[1] == outs[2] and outs[0].strip()
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--prompt", ""], "prompt is empty"),
     (["--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),

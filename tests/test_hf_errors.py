@@ -125,3 +125,58 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_weight_is_named_at_load(ckpt, bad):
+    name = "model.layers.3.mamba.out_proj.weight"
+
+    def poison(t):
+        t[name][3, 5] = bad
+
+    _edit_weights(ckpt, poison)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor {name} holds .*(NaN|Inf)"):
+        jambalab.from_pretrained(ckpt)
+
+
+def test_value_beyond_float16_range_is_an_error_when_loading_in_float16(ckpt):
+    name = "model.final_layernorm.weight"
+    _edit_weights(ckpt, lambda t: t[name].__setitem__(0, 1e6))
+    jambalab.from_pretrained(ckpt, dtype="float32")  # finite: fine in fp32
+    with pytest.raises(CheckpointError, match=rf"tensor {name} overflows float16"):
+        jambalab.from_pretrained(ckpt, dtype="float16")
+
+
+def test_an_unknown_quantization_scheme_is_named(ckpt):
+    from jambalab.errors import InputError
+
+    with pytest.raises(InputError, match="quantize must be one of .*'int3'"):
+        jambalab.from_pretrained(ckpt, quantize="int3")
+
+
+def test_quantize_hook_gets_the_loaded_model(ckpt, monkeypatch):
+    from jambalab import quant
+
+    seen = {}
+
+    def fake(model, how, group_size=None):
+        seen.update(how=how, group_size=group_size, dtype=model.embed.weight.dtype)
+        return model
+
+    monkeypatch.setattr(quant, "quantize_model", fake, raising=False)
+    jambalab.from_pretrained(ckpt, dtype="bfloat16", quantize="int4", group_size=64)
+    assert seen == {"how": "int4", "group_size": 64, "dtype": torch.bfloat16}
+
+
+def test_training_checkpoint_and_run_directories_load(ckpt, tmp_path):
+    import shutil
+
+    step = tmp_path / "run" / "checkpoints" / "step-00000373"
+    shutil.copytree(ckpt, step / "model")
+    want = jambalab.from_pretrained(ckpt).state_dict()
+    for where in (step, tmp_path / "run"):
+        got = jambalab.from_pretrained(where).state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json, model/ or checkpoints"):
+        jambalab.from_pretrained(tmp_path / "empty")

@@ -189,3 +189,27 @@ def test_quantized_checkpoint_errors_name_the_problem(tmp_path, ref):
         load_quantized(tmp_path / "float")
     with pytest.raises(InputError, match="not quantized"):
         save_quantized(ref, tmp_path / "x")
+
+
+def test_from_pretrained_quantizes_and_reads_a_saved_quantized_checkpoint(tmp_path, ref):
+    ref.save_pretrained(tmp_path / "float")
+    q = jambalab.from_pretrained(tmp_path / "float", quantize="int4")
+    assert isinstance(q.lm_head, QuantLinear) and q.quantization["group_size"] == 32
+    save_quantized(q, tmp_path / "q4")
+    again = jambalab.from_pretrained(tmp_path / "q4")  # as stored: no float weights, no re-quantizing
+    ids = torch.randint(3, 512, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, q(ids).logits)
+    with pytest.raises(InputError, match="asked for 'int8'"):
+        jambalab.from_pretrained(tmp_path / "q4", quantize="int8")
+    with pytest.raises(InputError, match="asked for dtype"):
+        jambalab.from_pretrained(tmp_path / "q4", dtype=torch.bfloat16)
+
+
+def test_generate_cli_runs_a_saved_quantized_checkpoint(tmp_path, ref, capsys):
+    from jambalab.cli import main
+
+    save_quantized(quantize_model(copy.deepcopy(ref), "int8"), tmp_path / "q8")
+    assert main(["generate", "--model", str(tmp_path / "q8"), "--prompt", "Hi", "--max-new-tokens", "3"]) == 0
+    assert main(["generate", "--model", str(tmp_path / "q8"), "--prompt", "Hi", "--int4"]) != 0
+    assert "asked for 'int4'" in capsys.readouterr().err

@@ -5,6 +5,7 @@
     copy_bandwidth_gbs() bytes/s (read + write) copying it
     huge_pages()         whether torch's allocator gets transparent huge pages
     machine_info()       CPU model, threads, load average, library versions, huge pages
+    best_of(samples)     the best of repeated rates, with their spread
 
 Figures are the best of `repeat` runs: on a shared machine the best run is the one least
 disturbed by other processes, and a physical limit is a best case by definition.
@@ -40,6 +41,12 @@ def best_time(fn: Callable[[], object], repeat: int = 3, warmup: int = 1, min_ti
                 break
         best = min(best, elapsed / n)
     return best
+
+
+def best_of(samples: list[float]) -> dict:
+    """Rates (higher is better) from repeated runs -> {"best", "spread_pct": (max - min) / max, "samples"}."""
+    best = max(samples)
+    return {"best": best, "spread_pct": 100 * (best - min(samples)) / best, "samples": samples}
 
 
 def gemm_gflops(n: int = 2048, repeat: int = 5) -> float:

@@ -168,16 +168,22 @@ def _decode(model, logits, cache, steps: int, trace: ProbeResult | None) -> floa
 # ---- the parent's side ------------------------------------------------------------------
 def run_in_child(spec: dict, timeout_s: int) -> dict:
     """Run jambalab.bench.probe in a fresh interpreter; returns its result, or {'error': ...}."""
-    cmd = [sys.executable, "-m", "jambalab.bench.probe", json.dumps(spec)]
-    # the child must import this same jambalab, installed or not
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     # A fixed mmap threshold makes glibc map every allocation >= 128 KiB on its own and unmap it on
     # free, so resident memory follows the live tensors. With the default (dynamic) threshold, freed
     # blocks stay cached in the heap and the same run's peak above baseline varied 2x between runs.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    env = {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
+    return run_module_json("jambalab.bench.probe", [json.dumps(spec)], timeout_s, env)
+
+
+def run_module_json(module: str, args: list[str], timeout_s: int, env: dict[str, str] | None = None) -> dict:
+    """`python -m module *args` in a fresh interpreter importing this same jambalab (installed or
+    not); returns the JSON object on its last stdout line, or {'error': ...}."""
+    root = str(Path(__file__).resolve().parents[2])
+    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+                    **(env or {}))
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+        done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                              timeout=timeout_s, env=full_env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s} s"}
     if done.returncode != 0:

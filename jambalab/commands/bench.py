@@ -98,5 +98,14 @@ def add_serve(group) -> None:
     add_parser(group)
 
 
+# ---------------------------------------------------------------------------------------
+# bench peers (parser and runner live with the benchmark: jambalab/bench/peers.py)
+# ---------------------------------------------------------------------------------------
+def add_peers(group) -> None:
+    from jambalab.bench.peers import add_parser
+
+    add_parser(group)
+
+
 # Each entry adds one `jambalab bench <name>` subcommand.
-BENCHES = [add_kernels, add_curves, add_serve]
+BENCHES = [add_kernels, add_curves, add_serve, add_peers]

@@ -67,11 +67,8 @@ def torch_dtype(args: argparse.Namespace):
 
 
 def apply_precision(model, args: argparse.Namespace):
-    """A loaded float model cast to --dtype and quantized per --int8 / --int4 (in place; returned)."""
-    from jambalab.errors import InputError
-
-    if getattr(args, "group_size", None) is not None and not getattr(args, "quantize", None):
-        raise InputError("--group-size goes with --int8 or --int4")
+    """A float model (a preset, random weights) cast to --dtype and quantized per --int8 / --int4."""
+    _check_precision_args(args)
     if torch_dtype(args) is not None:
         model = model.to(torch_dtype(args))
     if getattr(args, "quantize", None):
@@ -79,3 +76,27 @@ def apply_precision(model, args: argparse.Namespace):
 
         model = quantize_model(model, args.quantize, args.group_size)
     return model
+
+
+def load_model(args: argparse.Namespace):
+    """The model --model / --preset / --config name, in the precision --dtype / --int8 / --int4 ask for,
+    in eval mode. --model DIR loads a checkpoint (a saved-quantized one as stored); --preset / --config
+    give random weights (seed 0), for trying a command."""
+    import jambalab
+
+    if getattr(args, "model", None):
+        _check_precision_args(args)
+        return jambalab.from_pretrained(args.model, dtype=torch_dtype(args), quantize=getattr(args, "quantize", None),
+                                        group_size=getattr(args, "group_size", None)).eval()
+    if getattr(args, "preset", None):
+        model = jambalab.from_preset(args.preset, seed=0)
+    else:
+        model = jambalab.JambaLM.from_config(JambaConfig.from_file(args.config), seed=0)
+    return apply_precision(model.eval(), args)
+
+
+def _check_precision_args(args: argparse.Namespace) -> None:
+    from jambalab.errors import InputError
+
+    if getattr(args, "group_size", None) is not None and not getattr(args, "quantize", None):
+        raise InputError("--group-size goes with --int8 or --int4")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from jambalab.commands.common import add_model_source, add_precision_args, apply_precision, torch_dtype
+from jambalab.commands.common import add_model_source, add_precision_args, load_model
 from jambalab.errors import InputError
 
 
@@ -39,11 +39,12 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jambalab.generate import stream_generate
+    from jambalab.hf import resolve_model_dir
     from jambalab.tokenizer import load_tokenizer
 
     _check_args(args)
     model = load_model(args)
-    tok = load_tokenizer(args.model, model.config)
+    tok = load_tokenizer(resolve_model_dir(args.model) if args.model else None, model.config)
     ids = torch.tensor([encode_prompt(tok, read_prompt(args), args.chat)])  # (1, L)
     cache = model.allocate_cache(1, max_length=ids.shape[1] + args.max_new_tokens)
     bar = _progress_bar(ids.shape[1], args.chunk_size)
@@ -85,21 +86,6 @@ def _check_args(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------
 # Model, prompt
 # ---------------------------------------------------------------------------------------
-def load_model(args: argparse.Namespace):
-    """--model DIR loads a checkpoint; --preset / --config give random weights (seed 0), for trying the CLI."""
-    import jambalab
-    from jambalab.config import JambaConfig
-
-    if args.model:
-        model = jambalab.from_pretrained(args.model, dtype=torch_dtype(args))
-    elif args.preset:
-        model = jambalab.from_preset(args.preset, seed=0)
-    else:
-        model = jambalab.JambaLM.from_config(JambaConfig.from_file(args.config), seed=0)
-    model.eval()
-    return apply_precision(model, args)
-
-
 def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None:
         text = args.prompt
