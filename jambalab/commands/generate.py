@@ -85,18 +85,25 @@ def _check_args(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------
 # Model, prompt
 # ---------------------------------------------------------------------------------------
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def load_model(args: argparse.Namespace):
-    """--model DIR loads a checkpoint; --preset / --config give random weights (seed 0), for trying the CLI."""
+    """--model DIR loads a checkpoint; --preset / --config give random weights (seed 0), for trying the CLI.
+    args.dtype ("fp32" | "bf16"), where the command has it, converts the weights (None keeps them)."""
     import jambalab
     from jambalab.config import JambaConfig
     from jambalab.quant import quantize_int8
 
+    dtype = TORCH_DTYPES[args.dtype] if getattr(args, "dtype", None) else None
     if args.model:
-        model = jambalab.from_pretrained(args.model)
+        model = jambalab.from_pretrained(args.model, dtype=dtype)
     elif args.preset:
         model = jambalab.from_preset(args.preset, seed=0)
     else:
         model = jambalab.JambaLM.from_config(JambaConfig.from_file(args.config), seed=0)
+    if dtype is not None:
+        model.to(dtype)
     model.eval()
     return quantize_int8(model) if args.int8 else model
 

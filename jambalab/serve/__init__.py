@@ -1,0 +1,1 @@
+"""Serving: the engine (continuous batching, prefix-state cache) and the OpenAI-compatible HTTP API."""
