@@ -82,10 +82,11 @@ class StopMatcher:
 
     def feed(self, text: str) -> tuple[str, bool]:
         buf = self.held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        # The stop string completed first wins (the one whose match ends first), as if fed char by char.
+        hits = [(i + len(s), i) for s, i in ((s, buf.find(s)) for s in self.stops) if i >= 0]
         if hits:
             self.held = ""
-            return buf[:min(hits)], True
+            return buf[:min(hits)[1]], True
         keep = self._partial_match(buf)
         self.held = buf[len(buf) - keep:]
         return buf[:len(buf) - keep], False
