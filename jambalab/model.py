@@ -193,7 +193,7 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.d_model, cfg.n_kv_heads * self.hd, bias=False)
         self.o_proj = Linear(cfg.n_heads * self.hd, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, state: AttentionState | None, past: int,
+    def forward(self, x: torch.Tensor, state: AttentionState | None, past: int | torch.Tensor,
                 key_mask: torch.Tensor | None, pos: torch.Tensor | None) -> torch.Tensor:
         bsz, length, _ = x.shape
         q = self.q_proj(x).view(bsz, length, self.n_heads, self.hd).transpose(1, 2)  # (B, H, L, hd)
@@ -201,10 +201,23 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(bsz, length, self.n_kv, self.hd).transpose(1, 2)
         if self.rope_theta is not None:
             q, k = rope_rotate(q, pos, self.rope_theta), rope_rotate(k, pos, self.rope_theta)
-        if state is not None:
-            k, v = state.append(k, v, past)  # (B, H_kv, S, hd)
-        y = attend(q, k, v, past, key_mask)  # (B, H, L, hd)
+        if torch.is_tensor(past):  # a ragged batch (the serving engine's slots)
+            y = attend_rows(q, k, v, state, past.tolist())
+        else:
+            if state is not None:
+                k, v = state.append(k, v, past)  # (B, H_kv, S, hd)
+            y = attend(q, k, v, past, key_mask)  # (B, H, L, hd)
         return self.o_proj(y.transpose(1, 2).reshape(bsz, length, -1))
+
+
+def attend_rows(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, state, past: list[int]) -> torch.Tensor:
+    """A ragged batch: row b's L queries sit at positions past[b].. and see only its own past[b] + L keys.
+
+    state.append_rows writes each row's new K/V at its own offset and returns per-row views
+    (1, H_kv, past[b] + L, hd) (jambalab.serve.slots.SlotBatch); each row then takes attend's
+    batch-1 path, the same kernels as the sequence alone, with no padding and no mask."""
+    rows = state.append_rows(k_new, v_new, past)
+    return torch.cat([attend(q[b:b + 1], k, v, past[b], None) for b, (k, v) in enumerate(rows)])  # (B, H, L, hd)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -397,7 +410,7 @@ class Block(nn.Module):
             self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.ffn = MoE(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k) if cfg.is_moe(i) else MLP(cfg.d_model, cfg.d_ff)
 
-    def forward(self, h: torch.Tensor, state, past: int, key_mask: torch.Tensor | None,
+    def forward(self, h: torch.Tensor, state, past: int | torch.Tensor, key_mask: torch.Tensor | None,
                 mask: torch.Tensor | None, pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         residual = h.float() if self.residual_in_fp32 else h
         x = self.norm1(h.to(self.norm1.weight.dtype))
@@ -466,7 +479,8 @@ class JambaLM(nn.Module):
         with a cache, earlier calls' masks are remembered. logits_to_keep > 0 computes only the last
         that many positions' logits (prefill needs one). return_logits=False with labels (training)
         returns the loss only: the lm_head and the loss run in row chunks (ops.linear_cross_entropy)
-        and the (B, L, V) logits and their gradient are never held."""
+        and the (B, L, V) logits and their gradient are never held. A cache whose `length` is a (B,)
+        tensor is a ragged batch (jambalab.serve.slots.SlotBatch): each row continues at its own length."""
         self._check_inputs(input_ids, cache, attention_mask)
         past = 0 if cache is None else cache.length
         mask = None if attention_mask is None else attention_mask.bool()
@@ -510,10 +524,11 @@ class JambaLM(nn.Module):
         return ModelOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux)
 
     @staticmethod
-    def _positions(input_ids: torch.Tensor, past: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def _positions(input_ids: torch.Tensor, past: int | torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         bsz, length = input_ids.shape
-        if key_mask is None:
-            return (past + torch.arange(length, device=input_ids.device)).expand(bsz, length)
+        if key_mask is None:  # past: an int, or per-row lengths (B,) of a ragged batch
+            start = torch.as_tensor(past, device=input_ids.device).reshape(-1, 1)  # (1 or B, 1)
+            return (start + torch.arange(length, device=input_ids.device)).expand(bsz, length)
         # Left padding: a row's positions count only its real tokens.
         return (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + length]
 

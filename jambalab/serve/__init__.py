@@ -1,1 +1,6 @@
-"""Serving: the engine (continuous batching, prefix-state cache) and the OpenAI-compatible HTTP API."""
+"""Serving: a continuous-batching engine over a slot cache, with a hybrid prefix-state cache.
+
+    from jambalab.serve.engine import Engine, EngineConfig, SamplingParams
+
+See docs/serving.md.
+"""
