@@ -31,6 +31,8 @@ ENGINE_COUNTERS = {
     "prefix_hits": "prefix-state cache lookups that found a cached prefix",
     "prefix_tokens_reused": "prompt tokens taken from the prefix-state cache instead of prefilled",
     "prefix_evictions": "prefix-state cache entries evicted",
+    "prefill_tokens_computed": "prompt tokens the engine prefilled (not taken from the prefix cache)",
+    "steps": "engine steps",
 }
 ENGINE_GAUGES = {
     "running": "requests holding a slot",
@@ -38,6 +40,8 @@ ENGINE_GAUGES = {
     "prefix_bytes": "bytes held by the prefix-state cache",
     "free_slots": "free batch slots",
     "kv_tokens_used": "KV-cache tokens in use",
+    "kv_tokens_reserved": "KV-cache tokens reserved by running requests (prompt + max_tokens)",
+    "prefix_checkpoints": "model-state checkpoints held by the prefix-state cache",
 }
 
 # Seconds; a tiny model on a CPU answers in milliseconds, a large one in seconds.
