@@ -237,7 +237,10 @@ def completion_logprobs(server: Server, tokens, offset: int, texts: list[str]) -
     for (tid, lp, top), start in zip(tokens, _offsets(offset, texts)):
         out.tokens.append(server.token_text(tid))
         out.token_logprobs.append(lp)
-        out.top_logprobs.append({server.token_text(t): v for t, v in top})
+        alternatives: dict[str, float] = {}
+        for t, v in top:  # most likely first; ids that decode alike (bytes of a cut character) keep the best
+            alternatives.setdefault(server.token_text(t), v)
+        out.top_logprobs.append(alternatives)
         out.text_offset.append(start)
     return out
 
