@@ -3,11 +3,9 @@
 limits and a full queue with FastAPI's TestClient."""
 
 import json
-import os
+import asyncio
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,48 +18,25 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 import jambalab  # noqa: E402
+from jambalab.bench.serve_load import MEMORY_OVERHEAD, LoadConfig, ServerProcess, check, run_load  # noqa: E402
 from jambalab.generate import generate  # noqa: E402
 from jambalab.serve.chat import ChatFormatter  # noqa: E402
 from jambalab.tokenizer import ByteTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET, EOS = "tiny-hybrid", 2  # the preset's eos_token_id
-MAX_SEQ_LEN = 512
-START_TIMEOUT_S = 120
+MAX_SEQ_LEN = 1024
 
 
-class ServerProcess:
-    def __init__(self, *args: str):
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "jambalab", "serve", "--preset", PRESET, "--port", "0", "--threads", "1",
-               "--max-seq-len", str(MAX_SEQ_LEN), *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.url = self._wait_for_address()
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-    def _wait_for_address(self) -> str:
-        found: list[str] = []
-        reader = threading.Thread(target=lambda: found.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(START_TIMEOUT_S)
-        line = found[0] if found else ""
-        m = re.search(r"(http://127\.0\.0\.1:\d+)/v1", line)
-        if not m:
-            self.close()
-            raise AssertionError(f"server did not start: {line!r} {self.proc.stderr.read()[-2000:]}")
-        return m.group(1)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        for f in (self.proc.stdout, self.proc.stderr):
-            f.close()
+def start_server(*args: str) -> ServerProcess:
+    s = ServerProcess(["--preset", PRESET, "--max-seq-len", str(MAX_SEQ_LEN), *args], ROOT)
+    s.client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return s
 
 
 @pytest.fixture(scope="module")
 def server():
-    s = ServerProcess()
+    s = start_server()
     yield s
     s.close()
 
@@ -69,7 +44,7 @@ def server():
 @pytest.fixture(scope="module")
 def cold_server():
     """A second server: cold for the prefix cache; the last test stops it with SIGTERM."""
-    s = ServerProcess("--drain-timeout", "60")
+    s = start_server("--drain-timeout", "60")
     yield s
     s.close()
 
@@ -259,6 +234,15 @@ def test_bad_input_answers_an_error_object_naming_the_field(server, model):
     # nothing above disturbed the server
     r = server.client.completions.create(model=PRESET, prompt="Still fine", max_tokens=6, temperature=0)
     assert r.choices[0].text == reference(model, list(b"Still fine"), 6)
+
+
+def test_short_load_with_cancels_and_malformed_requests(server):
+    """benchmarks/serve_load.py in short: 12 clients for 3 s; greedy answers equal their solo runs,
+    the engine returns to idle, /metrics counts equal the clients', memory stays bounded."""
+    cfg = LoadConfig(clients=12, duration_s=3.0, cancel_tokens=300, weights=(0.3, 0.15, 0.2, 0.15, 0.2))
+    report = asyncio.run(run_load(server.url, PRESET, cfg, pid=server.proc.pid))
+    assert check(report, prefix_budget=256 * 2**20, memory_budget=256 * 2**20 + MEMORY_OVERHEAD) == []
+    assert report["outcomes"].get("cancel hung up", 0) >= 1 and report["idle_after"]["free_slots"] == 8
 
 
 # ---------------------------------------------------------------------------------------
