@@ -238,3 +238,28 @@ def test_result_times_out_and_event_type(models, engines):
         h.result(timeout=0.01)
     engine.step()
     assert isinstance(h._events.get(timeout=TIMEOUT), TokenEvent)
+
+
+def test_a_failing_prefill_fails_that_request_alone(models, engines, monkeypatch):
+    """An error inside the model (here: injected into one request's prefill) ends that request with
+    finish_reason "error"; the engine keeps serving the others, exactly."""
+    model = models["tiny-hybrid", torch.float32]
+    engine = engines(model)
+    a, bad = _prompts([6, 9], seed=6)
+    forward = type(model).forward
+
+    def flaky(self, input_ids, *args, **kwargs):
+        if input_ids.shape[1] == len(bad) and input_ids[0].tolist() == bad:
+            raise RuntimeError("injected failure")
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", flaky)
+    ha = engine.submit(a, SamplingParams(max_tokens=6))
+    hb = engine.submit(bad, SamplingParams(max_tokens=6))
+    while engine.step():
+        pass
+    monkeypatch.undo()
+    assert hb.finish_reason == "error" and "injected failure" in hb.error
+    with pytest.raises(InputError, match="injected failure"):
+        hb.result(0)
+    assert ha.result(0) == _alone(model, a, 6) and engine.stats()["free_slots"] == engine.config.max_batch

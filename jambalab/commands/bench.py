@@ -89,5 +89,14 @@ def add_kernels(group) -> None:
     add_parser(group)
 
 
+# ---------------------------------------------------------------------------------------
+# bench serve (parser and runner live with the benchmark: jambalab/bench/serve.py)
+# ---------------------------------------------------------------------------------------
+def add_serve(group) -> None:
+    from jambalab.bench.serve import add_parser
+
+    add_parser(group)
+
+
 # Each entry adds one `jambalab bench <name>` subcommand.
-BENCHES = [add_kernels, add_curves]
+BENCHES = [add_kernels, add_curves, add_serve]

@@ -300,7 +300,17 @@ class Engine:
                     self._wake.wait()
                 if self._stopping and not (self._waiting or self._running):
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a bug, not bad input: fail what is in flight rather than hang its clients
+                self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            reqs = [*self._waiting, *self._running.values()]
+            self._waiting.clear()
+        for req in reqs:
+            self._finish(req, TokenEvent(None, None, None, "error", message))
 
     def idle(self) -> bool:
         with self._lock:
@@ -362,7 +372,12 @@ class Engine:
         reqs = [self._running[s] for s in rows]
         ids = torch.tensor([[r.output[-1]] for r in reqs], device=self.slots.device)  # (B, 1)
         batch = self.slots.batch(rows)
-        logits = self.model(ids, cache=batch).logits[:, -1]  # (B, V)
+        try:
+            logits = self.model(ids, cache=batch).logits[:, -1]  # (B, V)
+        except Exception as e:  # e.g. out of memory: these rows' states are unknown now; fail them, keep serving
+            for req in reqs:
+                self._finish(req, TokenEvent(None, None, None, "error", f"{type(e).__name__}: {e}"))
+            return
         self.slots.scatter_back(batch, rows)
         for b, req in enumerate(reqs):
             self.slots.lengths[req.slot] += 1
@@ -385,7 +400,11 @@ class Engine:
                 if end - req.fed > budget:
                     return
                 ids = torch.tensor([req.prompt[req.fed:end]], device=self.slots.device)  # (1, c)
-                logits = self.model(ids, cache=self.slots.row_cache(slot), logits_to_keep=1).logits[0, -1]  # (V,)
+                try:
+                    logits = self.model(ids, cache=self.slots.row_cache(slot), logits_to_keep=1).logits[0, -1]  # (V,)
+                except Exception as e:  # this request alone fails; its slot is freed
+                    self._finish(req, TokenEvent(None, None, None, "error", f"{type(e).__name__}: {e}"))
+                    break
                 self.slots.lengths[slot] += end - req.fed
                 budget -= end - req.fed
                 self._counters["prefill_tokens_computed"] += end - req.fed

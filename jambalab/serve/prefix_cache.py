@@ -127,24 +127,28 @@ class PrefixCache:
 
     # ---- eviction ---------------------------------------------------------------------------
     def _evict(self, protect: _Node) -> None:
-        held = [n for n in self._nodes() if n.state is not None and n is not protect]
-        if not held:
+        held = [n for n in self._nodes() if n.state is not None]
+        if len(held) < 2:
             return
-        victim = min(held, key=lambda n: n.last_used) if self.eviction == "lru" else self._marconi_victim(held)
+        if self.eviction == "lru":
+            victim = min((n for n in held if n is not protect), key=lambda n: n.last_used)
+        else:
+            victim = self._marconi_victim(held, protect)
         self.bytes -= victim.nbytes
         victim.state, victim.nbytes = None, 0
         self.evictions += 1
         self.checkpoints -= 1
         self._prune(victim)
 
-    def _marconi_victim(self, held: list[_Node]) -> _Node:
-        """The lowest recency + alpha * (FLOPs saved per byte), each scaled to [0, 1] over `held`."""
+    def _marconi_victim(self, held: list[_Node], protect: _Node) -> _Node:
+        """The lowest recency + alpha * (FLOPs saved per byte), each scaled to [0, 1] over every
+        checkpoint held (the one just inserted included, though it is never the victim)."""
         clocks = [n.last_used for n in held]
         lo, span = min(clocks), max(max(clocks) - min(clocks), 1)
         eff = [self.flops_saved(n) / max(n.nbytes, 1) for n in held]
         top = max(max(eff), 1e-30)
-        scores = [(n.last_used - lo) / span + self.alpha * e / top for n, e in zip(held, eff)]
-        return held[scores.index(min(scores))]
+        scores = {id(n): (n.last_used - lo) / span + self.alpha * e / top for n, e in zip(held, eff)}
+        return min((n for n in held if n is not protect), key=lambda n: scores[id(n)])
 
     def flops_saved(self, node: _Node) -> float:
         """Prefill FLOPs from the nearest checkpointed ancestor (or the start) up to this node."""
