@@ -150,7 +150,7 @@ class Generation:
         self.handle = server.submit(job, self._on_event)
         self.text = TextStream(server.tok, job.prompt_ids, job.stops)
         self.n_generated = 0
-        self.finished = False
+        self.last_token_at: float | None = None
 
     def _on_event(self, event) -> None:  # called from the engine's thread
         try:
@@ -158,28 +158,17 @@ class Generation:
         except RuntimeError:  # the event loop has closed: nobody is listening any more
             pass
 
-    @property
-    def cached_tokens(self) -> int:
-        return int(getattr(self.handle, "cached_tokens", 0) or 0)
-
     def usage(self) -> P.Usage:
-        return P.usage(len(self.job.prompt_ids), self.n_generated, self.cached_tokens)
+        return P.usage(len(self.job.prompt_ids), self.n_generated, self.handle.cached_tokens)
 
     async def pieces(self, watch_disconnect: bool) -> AsyncIterator[Piece]:
-        m, last = self.server.metrics, None
-        finish = "cancelled"
+        finish = "cancelled"  # unless it ends otherwise: the client went away
         try:
             while True:
                 event = await self._next_event(watch_disconnect)
-                now = time.perf_counter()
                 piece = Piece("")
                 if event.token_id is not None:
-                    if last is None:
-                        m.ttft.observe(now - self.job.received)
-                    else:
-                        m.tpot.observe(now - last)
-                    last = now
-                    self.n_generated += 1
+                    self._count_token()
                     piece = self._add_token(event)
                 if self.text.stopped:
                     self.handle.cancel()
@@ -195,13 +184,22 @@ class Generation:
                 if piece.finish_reason is not None:
                     return
         finally:
-            self.finished = True
+            m = self.server.metrics
             if finish not in ("stop", "length"):
                 self.handle.cancel()
             m.requests.labels(endpoint=self.job.endpoint, finish_reason=finish).inc()
             m.prompt_tokens.inc(len(self.job.prompt_ids))
             m.generation_tokens.inc(self.n_generated)
             m.duration.observe(time.perf_counter() - self.job.received)
+
+    def _count_token(self) -> None:
+        now, m = time.perf_counter(), self.server.metrics
+        if self.last_token_at is None:
+            m.ttft.observe(now - self.job.received)
+        else:
+            m.tpot.observe(now - self.last_token_at)
+        self.last_token_at = now
+        self.n_generated += 1
 
     def _add_token(self, event) -> Piece:
         tokens = []
