@@ -140,3 +140,11 @@ def test_eviction_frees_the_tree_and_rejects_a_checkpoint_over_budget(models):
     tiny = PrefixCache(model, one.nbytes() - 1, "marconi")
     tiny.insert(_ids(5, 1), one)
     assert tiny.checkpoints == 0 and tiny.bytes == 0
+
+
+def test_snapshot_size_is_known_before_copying(models, engines):
+    for name, model in models.items():
+        engine = engines(model)
+        engine.slots.open(0, 40)
+        engine.slots.lengths[0] = 23
+        assert engine.slots.snapshot_nbytes(0) == engine.slots.snapshot(0).nbytes(), name

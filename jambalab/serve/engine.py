@@ -409,12 +409,17 @@ class Engine:
                 budget -= end - req.fed
                 self._counters["prefill_tokens_computed"] += end - req.fed
                 req.fed = end
-                if self.prefix is not None and (end in req.checkpoints or end == len(req.prompt)):
-                    self.prefix.insert(req.prompt[:end], self.slots.snapshot(slot))
+                if end in req.checkpoints or end == len(req.prompt):
+                    self._checkpoint(req.prompt[:end], slot)
                 if not req.prefilling:
                     self._emit_next(req, logits)
             if budget <= 0:
                 return
+
+    def _checkpoint(self, tokens: list[int], slot: int) -> None:
+        """Save the slot's state under `tokens` in the prefix cache (copied only if it can be kept)."""
+        if self.prefix is not None and self.prefix.admits(tokens, self.slots.snapshot_nbytes(slot)):
+            self.prefix.insert(tokens, self.slots.snapshot(slot))
 
     # ---- tokens out ------------------------------------------------------------------------
     def _emit_next(self, req: _Request, logits: torch.Tensor) -> None:
@@ -438,10 +443,10 @@ class Engine:
             self._finish(req, event)
 
     def _finish(self, req: _Request, event: TokenEvent) -> None:
-        if req.slot >= 0 and event.finish_reason in ("stop", "length") and self.prefix is not None:
+        if req.slot >= 0 and event.finish_reason in ("stop", "length"):
             # The state holds prompt + output less the last token (never fed): the next chat turn
             # repeats all of it, so it resumes here.
-            self.prefix.insert((req.prompt + req.output)[:req.fed], self.slots.snapshot(req.slot))
+            self._checkpoint((req.prompt + req.output)[:req.fed], req.slot)
         with self._lock:
             if req.slot >= 0:
                 self._running.pop(req.slot, None)

@@ -82,6 +82,22 @@ class PrefixCache:
         return hit, best.state, sorted(marks)
 
     # ---- insert ----------------------------------------------------------------------------
+    def admits(self, tokens: list[int], nbytes: int) -> bool:
+        """Whether insert(tokens, a state of nbytes) would store anything (callers skip the copy if not)."""
+        if not tokens or nbytes > self.budget:
+            return False
+        node, i = self.root, 0
+        while i < len(tokens):  # an existing checkpoint at exactly these tokens needs no new copy
+            child = node.children.get(tokens[i])
+            if child is None or _common(child.edge, tokens[i:]) < len(child.edge):
+                return True
+            node, i = child, i + len(child.edge)
+        if node.state is not None:
+            self._clock += 1
+            node.last_used = self._clock
+            return False
+        return True
+
     def insert(self, tokens: list[int], state: HybridCache) -> None:
         """Checkpoint `state` (the model state after all of tokens), then evict down to the budget."""
         if not tokens or state.length != len(tokens):

@@ -117,6 +117,12 @@ class SlotCache:
                   for i, a in enumerate(self.attention)]
         return HybridCache(layers, n, None, self.fingerprint)
 
+    def snapshot_nbytes(self, slot: int) -> int:
+        """What snapshot(slot) would hold, without copying anything."""
+        cfg, n = self.config, self.lengths[slot]
+        kv = 2 * cfg.n_kv_heads * cfg.head_dim * n * self.dtype.itemsize * sum(self.attention)
+        return kv + sum(self.conv[i][0].nbytes + self.ssm[i][0].nbytes for i in self.conv)
+
     def restore(self, slot: int, state: HybridCache) -> None:
         """Write a snapshot into an open slot (its capacity must hold state.length positions)."""
         n = state.length
