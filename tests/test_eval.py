@@ -145,6 +145,17 @@ def test_eval_cli_perplexity_json(tmp_path, capsys):
     assert ppl["bits_per_byte"] == pytest.approx(ppl["val_loss"] / math.log(2))
 
 
+@pytest.mark.parametrize("flags,dtype,scheme", [(["--dtype", "bf16"], "bfloat16", None), (["--int4"], "float32", "int4"),
+                                                (["--int8", "--dtype", "bf16"], "bfloat16", "int8")])
+def test_eval_cli_in_low_precision(tmp_path, capsys, flags, dtype, scheme):
+    f = tmp_path / "t.txt"
+    f.write_text("import os\nprint(os.getcwd())\n" * 8)
+    assert main(["eval", "--preset", "tiny-hybrid", "--data", str(f), "--seq-len", "64", "--json", *flags]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["dtype"] == dtype and (d["quantization"] or {}).get("scheme") == scheme
+    assert math.isfinite(d["perplexity"]["bits_per_byte"])
+
+
 def test_eval_cli_needle_heatmap_and_attention_map(tmp_path, capsys):
     assert main(["eval", "--preset", "tiny-hybrid", "--needle", "--lengths", "150,200", "--depths", "0,0.5,1",
                  "--trials", "2", "--attention-map", "--out", str(tmp_path), "--json"]) == 0

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from jambalab.commands.common import run_with_threads
+from jambalab.commands.common import add_precision_args, apply_precision, run_with_threads
 from jambalab.errors import InputError
 
 
@@ -39,6 +39,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for prompts, data split and preset init (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    add_precision_args(p)
     p.set_defaults(func=run)
 
 
@@ -51,9 +52,12 @@ def _run(args: argparse.Namespace) -> int:
 
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
     model, tok, source = ev.load_for_eval(args.model, args.preset, seed=args.seed)
+    model = apply_precision(model, args)
     out_dir = Path(args.out)
     result: dict = {"model": source, "params_total": model.num_parameters(),
-                    "params_active": model.num_active_parameters(), "layer_pattern": model.config.layer_pattern()}
+                    "params_active": model.num_active_parameters(), "layer_pattern": model.config.layer_pattern(),
+                    "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
+                    "quantization": getattr(model, "quantization", None)}
     log(f"model: {source}  ({model.config.layer_pattern()})")
     if args.ppl or not (args.needle or args.attention_map):
         result["perplexity"] = _perplexity(args, model, tok, log)
