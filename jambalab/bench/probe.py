@@ -166,9 +166,10 @@ def _decode(model, logits, cache, steps: int, trace: ProbeResult | None) -> floa
 
 
 # ---- the parent's side ------------------------------------------------------------------
-def run_in_child(spec: dict, timeout_s: int) -> dict:
-    """Run jambalab.bench.probe in a fresh interpreter; returns its result, or {'error': ...}."""
-    cmd = [sys.executable, "-m", "jambalab.bench.probe", json.dumps(spec)]
+def run_in_child(spec: dict, timeout_s: int, module: str = "jambalab.bench.probe") -> dict:
+    """Run `python -m module SPEC_JSON` (default this probe) in a fresh interpreter; returns the JSON
+    object of its last output line, or {'error': ...}."""
+    cmd = [sys.executable, "-m", module, json.dumps(spec)]
     # the child must import this same jambalab, installed or not
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))

@@ -121,5 +121,5 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Small ones: tests (seconds on a CPU) and the digits demo (jambalab vision train).
     "vim-test": dict(img_size=32, patch_size=8, stride=8, depth=2, embed_dim=32, num_classes=10),
     "vim-test-stride": dict(img_size=32, patch_size=8, stride=4, depth=2, embed_dim=32, num_classes=10),
-    "vim-digits": dict(img_size=32, patch_size=4, stride=4, depth=6, embed_dim=64, channels=1, num_classes=10),
+    "vim-digits": dict(img_size=16, patch_size=4, stride=4, depth=4, embed_dim=64, channels=1, num_classes=10),
 }
