@@ -116,3 +116,19 @@ def test_bench_vision_point_in_a_fresh_process():
                      module="jambalab.bench.vision")
     assert "error" not in r, r
     assert r["images_per_s"] > 0 and r["memory_bytes"] >= 0 and r["baseline_bytes"] > 0
+
+
+def test_eval_an_official_checkpoint(tmp_path, capsys):
+    from PIL import Image
+
+    from test_vision import random_official_state_dict
+
+    torch.save({"model": random_official_state_dict(VimConfig.from_preset("vim-test"))}, tmp_path / "vim.pth")
+    rgb = (np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "photo.jpg")
+    argv = ["vision", "eval", "--preset", "vim-test", "--images", str(tmp_path / "photo.jpg")]
+    assert main([*argv, "--official", str(tmp_path / "vim.pth")]) == 0
+    assert capsys.readouterr().out.count("class ") == 5
+    torch.save({"model": {"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}}, tmp_path / "deit.pth")
+    assert main([*argv, "--official", str(tmp_path / "deit.pth")]) == 2
+    assert "not a Vision Mamba checkpoint" in capsys.readouterr().err

@@ -12,6 +12,10 @@ from pathlib import Path
 
 from jambalab.errors import InputError
 
+# The released models' preprocessing (vim/datasets.py, as DeiT): bicubic resize of the shorter side to
+# img_size / 0.875 (256 for 224), center crop, ImageNet mean and std. No class names ship with them.
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "invert": False, "labels": None,
+            "crop": 0.875}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -33,8 +37,11 @@ def register(sub) -> None:
     t.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     t.add_argument("--resume", action="store_true", help="continue the runs in --out from their last checkpoints")
     t.set_defaults(func=run_train)
-    e = group.add_parser("eval", help="classify images (top-5) with a trained model")
-    e.add_argument("--model", required=True, help="a training output (e.g. vision-out/vim) or a model/ directory")
+    e = group.add_parser("eval", help="classify images (top-5) with a trained model or an official checkpoint")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a training output (e.g. vision-out/vim) or a model/ directory")
+    src.add_argument("--official", help="an official hustvl/Vim checkpoint (.pth or .safetensors), with --preset")
+    e.add_argument("--preset", default="vim-tiny", help="the official checkpoint's preset (default vim-tiny)")
     e.add_argument("--images", required=True, nargs="+", help="image files or directories of images")
     e.add_argument("--top", type=int, default=5, help="classes shown per image (default 5)")
     e.set_defaults(func=run_eval)
@@ -99,12 +106,17 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise InputError(f"--top must be >= 1, got {args.top}")
-    model, prep = load_model_dir(_model_dir(Path(args.model)))
+    if args.official:
+        from jambalab.vision import from_official
+
+        model, prep = from_official(args.official, args.preset), IMAGENET
+    else:
+        model, prep = load_model_dir(_model_dir(Path(args.model)))
     files = _image_files(args.images)
     batch = torch.stack([load_image(f, model.config.channels, model.config.img_size, prep) for f in files])
     with torch.no_grad():
         probs, classes = softmax_top_k(model(batch), args.top)
-    labels = prep.get("labels") or [str(i) for i in range(model.config.num_classes)]
+    labels = prep.get("labels") or [f"class {i}" for i in range(model.config.num_classes)]
     for f, p, c in zip(files, probs.tolist(), classes.tolist()):
         print(f"{f}: " + ", ".join(f"{labels[i]} {q:.1%}" for i, q in zip(c, p)))
     return 0
@@ -141,14 +153,18 @@ def _image_files(items: list[str]) -> list[Path]:
 
 def load_image(path: Path, channels: int, img_size: int, prep: dict):
     """A (channels, img_size, img_size) tensor, preprocessed as in training: grey or RGB, resized
-    bilinearly, scaled to [0, 1] (inverted if the model learned light ink on a dark ground), normalised."""
+    bilinearly (or, with prep["crop"], the shorter side bicubically to img_size / crop and then
+    center-cropped), scaled to [0, 1] (inverted if the model learned light ink on a dark ground),
+    normalised."""
     import numpy as np
     import torch
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB").resize((img_size, img_size), Image.BILINEAR)
+            im = im.convert("L" if channels == 1 else "RGB")
+            im = _resize_crop(im, img_size, prep["crop"]) if prep.get("crop") else im.resize((img_size, img_size),
+                                                                                             Image.BILINEAR)
             x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
     except (UnidentifiedImageError, OSError) as e:
         raise InputError(f"{path}: not a readable image ({type(e).__name__})") from None
@@ -159,3 +175,14 @@ def load_image(path: Path, channels: int, img_size: int, prep: dict):
     if prep.get("invert"):
         x = 1.0 - x
     return (x - torch.tensor(prep["mean"]).reshape(-1, 1, 1)) / torch.tensor(prep["std"]).reshape(-1, 1, 1)
+
+
+def _resize_crop(im, img_size: int, crop: float):
+    from PIL import Image
+
+    short = round(img_size / crop)
+    w, h = im.size
+    scale = short / min(w, h)
+    im = im.resize((max(img_size, round(w * scale)), max(img_size, round(h * scale))), Image.BICUBIC)
+    left, top = (im.size[0] - img_size) // 2, (im.size[1] - img_size) // 2
+    return im.crop((left, top, left + img_size, top + img_size))
