@@ -14,7 +14,7 @@ import sys
 from jambalab.errors import JambalabError
 
 # Order is the order shown by --help.
-COMMANDS = ["info", "generate", "serve", "memory", "bench", "train", "ablate", "eval"]
+COMMANDS = ["info", "generate", "serve", "memory", "bench", "train", "ablate", "eval", "vision"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -166,13 +166,14 @@ def _decode(model, logits, cache, steps: int, trace: ProbeResult | None) -> floa
 
 
 # ---- the parent's side ------------------------------------------------------------------
-def run_in_child(spec: dict, timeout_s: int) -> dict:
-    """Run jambalab.bench.probe in a fresh interpreter; returns its result, or {'error': ...}."""
+def run_in_child(spec: dict, timeout_s: int, module: str = "jambalab.bench.probe") -> dict:
+    """Run `python -m module SPEC_JSON` (default this probe) in a fresh interpreter; returns the JSON
+    object of its last output line, or {'error': ...}."""
     # A fixed mmap threshold makes glibc map every allocation >= 128 KiB on its own and unmap it on
     # free, so resident memory follows the live tensors. With the default (dynamic) threshold, freed
     # blocks stay cached in the heap and the same run's peak above baseline varied 2x between runs.
     env = {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
-    return run_module_json("jambalab.bench.probe", [json.dumps(spec)], timeout_s, env)
+    return run_module_json(module, [json.dumps(spec)], timeout_s, env)
 
 
 def run_module_json(module: str, args: list[str], timeout_s: int, env: dict[str, str] | None = None) -> dict:

@@ -107,5 +107,14 @@ def add_peers(group) -> None:
     add_parser(group)
 
 
+# ---------------------------------------------------------------------------------------
+# bench vision (parser and runner live with the benchmark: jambalab/bench/vision.py)
+# ---------------------------------------------------------------------------------------
+def add_vision(group) -> None:
+    from jambalab.bench.vision import add_parser
+
+    add_parser(group)
+
+
 # Each entry adds one `jambalab bench <name>` subcommand.
-BENCHES = [add_kernels, add_curves, add_serve, add_peers]
+BENCHES = [add_kernels, add_curves, add_serve, add_peers, add_vision]

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,16 +115,18 @@ def _load_native(path: Path) -> JambaLM:
 # ---------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------
-def save_checkpoint(root: str | Path, step: int, model: JambaLM, state: dict[str, Any], keep: int = 2,
-                    extra_files: list[Path] = ()) -> Path:
-    """Write step-N atomically; then delete all but the newest `keep` checkpoints. Returns step-N."""
+def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int = 2,
+                    extra_files: list[Path] = (),
+                    write_model: Callable[[torch.nn.Module, Path], None] | None = None) -> Path:
+    """Write step-N atomically; then delete all but the newest `keep` checkpoints. Returns step-N.
+    write_model(model, dir) writes model/ (default save_model: a JambaLM; the vision trainer passes its own)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(root)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     final, old = step_dir(root, step), root / f".old-step-{step:08d}-{os.getpid()}"
     try:
-        save_model(model, tmp / MODEL_DIR)
+        (write_model or save_model)(model, tmp / MODEL_DIR)
         for f in extra_files:  # the tokenizer the run was trained with, so the model dir is usable as is
             shutil.copy2(f, tmp / MODEL_DIR / f.name)
         torch.save({"format": FORMAT, **state}, tmp / STATE_FILE)

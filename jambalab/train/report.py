@@ -17,7 +17,8 @@ from jambalab.model import JambaLM
 from jambalab.stats import kv_bytes_per_token, ssm_state_bytes
 
 
-def plot_losses(metrics: Path, out: Path, unigram_entropy: float | None = None) -> None:
+def plot_losses(metrics: Path, out: Path, unigram_entropy: float | None = None,
+                ylabel: str = "nats per token") -> None:
     """Training and validation loss against step, from metrics.jsonl, written atomically to out
     (with the data's unigram entropy as a reference line, for text)."""
     import matplotlib
@@ -43,7 +44,7 @@ def plot_losses(metrics: Path, out: Path, unigram_entropy: float | None = None) 
     if unigram_entropy is not None:
         ax.axhline(unigram_entropy, color="gray", ls="--", lw=0.8, label="unigram entropy (no context)")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("nats per token")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
