@@ -112,9 +112,16 @@ class QuantMoE(MoE):
         return self.w_gate.shape[0]
 
     def expert_weights(self) -> list[tuple[QuantWeight, QuantWeight, QuantWeight]]:
-        stacks = [QuantWeight(getattr(self, w), getattr(self, f"{w}_scales"), self.bits, getattr(self, f"{w}_group"))
-                  for w in self._STACKS]
-        return list(zip(*(s.unbind() for s in stacks)))
+        """Per-expert views, made once and kept while the buffers stay the same (a decode step would
+        otherwise make 3 x E x 2 views per MoE layer)."""
+        key = tuple(getattr(self, n).data_ptr() for w in self._STACKS for n in (w, f"{w}_scales"))
+        cached = self.__dict__.get("_experts_cached")
+        if cached is None or cached[0] != key:
+            stacks = [QuantWeight(getattr(self, w), getattr(self, f"{w}_scales"), self.bits, getattr(self, f"{w}_group"))
+                      for w in self._STACKS]
+            cached = (key, list(zip(*(s.unbind() for s in stacks))))
+            self.__dict__["_experts_cached"] = cached
+        return cached[1]
 
 
 # ---------------------------------------------------------------------------------------
