@@ -1,7 +1,8 @@
 """`jambalab bench <what>`: benchmark programs that print tables and write plots.
 
-A group of subcommands: each entry of BENCHES names a function that adds its own parser to the
-group's subparsers (and sets `func`). Add a benchmark by writing such a function and listing it.
+A group of subcommands: each entry of BENCHES is a function that adds its own parser to the
+group's subparsers (and sets `func`). Add a benchmark by writing jambalab/bench/<name>.py with an
+`add_parser(group)` and listing `_from_module("<name>")`.
 """
 
 from __future__ import annotations
@@ -81,40 +82,16 @@ def run_curves(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# bench kernels (parser and runner live with the benchmark: jambalab/bench/kernels.py)
+# The others: their parser and runner live with the benchmark, in jambalab/bench/<name>.py
 # ---------------------------------------------------------------------------------------
-def add_kernels(group) -> None:
-    from jambalab.bench.kernels import add_parser
+def _from_module(name: str):
+    def add(group) -> None:
+        import importlib
 
-    add_parser(group)
+        importlib.import_module(f"jambalab.bench.{name}").add_parser(group)
 
-
-# ---------------------------------------------------------------------------------------
-# bench serve (parser and runner live with the benchmark: jambalab/bench/serve.py)
-# ---------------------------------------------------------------------------------------
-def add_serve(group) -> None:
-    from jambalab.bench.serve import add_parser
-
-    add_parser(group)
-
-
-# ---------------------------------------------------------------------------------------
-# bench peers (parser and runner live with the benchmark: jambalab/bench/peers.py)
-# ---------------------------------------------------------------------------------------
-def add_peers(group) -> None:
-    from jambalab.bench.peers import add_parser
-
-    add_parser(group)
-
-
-# ---------------------------------------------------------------------------------------
-# bench vision (parser and runner live with the benchmark: jambalab/bench/vision.py)
-# ---------------------------------------------------------------------------------------
-def add_vision(group) -> None:
-    from jambalab.bench.vision import add_parser
-
-    add_parser(group)
+    return add
 
 
 # Each entry adds one `jambalab bench <name>` subcommand.
-BENCHES = [add_kernels, add_curves, add_serve, add_peers, add_vision]
+BENCHES = [_from_module("kernels"), add_curves, _from_module("serve"), _from_module("peers"), _from_module("vision")]
