@@ -782,7 +782,7 @@ def test_env_var_forces_the_reference(monkeypatch):
         assert ops.causal_conv1d_update is ops.causal_conv1d_update_ref
         assert ops.causal_conv1d is ops.causal_conv1d_ref
         assert ops.dt_softplus is ops.dt_softplus_ref
-        assert ops.linear is F.linear
+        assert ops.linear is ops.linear_ref  # F.linear, and the dequantizing twin for a QuantWeight
         assert ops.rms_norm is ops.rms_norm_ref
         assert not ops.decode_fusable(torch.zeros(1, 4))
         assert ops.cross_entropy is F.cross_entropy
