@@ -204,7 +204,7 @@ def _pct(x: float | None) -> str:
 
 def format_lm(rows: list[dict]) -> list[str]:
     lines = [f"{'precision':<16}{'weights MiB':>12}{'bits/byte':>11}{'ppl':>9}{'vs bf16':>9}{'target':>8}"
-             f"{'KL vs fp32':>12}{'top-1 agree':>13}"]
+             f"{'rel L2':>10}{'KL vs fp32':>12}{'top-1 agree':>13}"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"{r['precision']:<16}skipped: {r['skipped']}")
@@ -213,7 +213,7 @@ def format_lm(rows: list[dict]) -> list[str]:
         met = "" if "target" not in r else ("<=" if r["meets_target"] else "MISS ") + f"{100 * r['target']:.0f}%"
         lines.append(f"{r['precision']:<16}{r['weight_bytes'] / 2**20:>12.3f}{r.get('bits_per_byte', float('nan')):>11.4f}"
                      f"{r['ppl']:>9.4f}{_pct(r.get('ppl_vs_bf16')):>9}{met:>8}"
-                     f"{d.get('kl', 0.0):>12.2e}{d.get('top1_agree', 1.0):>13.4f}")
+                     f"{d.get('rel_l2', 0.0):>10.2e}{d.get('kl', 0.0):>12.2e}{d.get('top1_agree', 1.0):>13.4f}")
     return lines
 
 
@@ -245,14 +245,17 @@ def plot(result: dict, path: Path) -> None:
     bpb = [r["bits_per_byte"] for r in rows]
     colors = ["tab:gray" if r["scheme"] is None else "tab:blue" if r["scheme"] == "int8" else "tab:orange" for r in rows]
     ax.bar(labels, bpb, color=colors)
+    lo, hi = min(bpb), max(bpb)
     bf16 = next((r for r in rows if r["precision"] == "bf16"), None)
     if bf16 is not None:  # ppl x (1 + t) is val_loss + ln(1 + t) nats a token
         for t, style in ((0.01, ":"), (0.05, "--")):
             y = bf16["bits_per_byte"] * (bf16["val_loss"] + math.log1p(t)) / bf16["val_loss"]
             ax.axhline(y, color="black", linestyle=style, linewidth=1, label=f"bf16 perplexity +{t:.0%}")
-        ax.legend(fontsize=8, loc="lower right")
-    lo, hi = min(bpb), max(bpb)
-    ax.set_ylim(lo - 0.6 * (hi - lo + 1e-3), hi + 0.6 * (hi - lo + 1e-3))
+            hi = max(hi, y)
+        ax.legend(fontsize=8, loc="upper left")
+        for i, r in enumerate(rows):
+            ax.text(i, r["bits_per_byte"], _pct(r["ppl_vs_bf16"]), ha="center", va="bottom", fontsize=6, rotation=90)
+    ax.set_ylim(lo - 0.5 * (hi - lo + 1e-3), hi + 0.25 * (hi - lo + 1e-3))
     ax.set_ylabel("bits per byte (held-out text)")
     ax.set_title(f"{result['model']}", fontsize=8)
     ax.tick_params(axis="x", rotation=45, labelsize=8)
