@@ -211,7 +211,8 @@ def format_lm(rows: list[dict]) -> list[str]:
             continue
         d = r["drift_vs_fp32"] or {}
         met = "" if "target" not in r else ("<=" if r["meets_target"] else "MISS ") + f"{100 * r['target']:.0f}%"
-        lines.append(f"{r['precision']:<16}{r['weight_bytes'] / 2**20:>12.3f}{r.get('bits_per_byte', float('nan')):>11.4f}"
+        bpb = r.get("bits_per_byte", float("nan"))
+        lines.append(f"{r['precision']:<16}{r['weight_bytes'] / 2**20:>12.3f}{bpb:>11.4f}"
                      f"{r['ppl']:>9.4f}{_pct(r.get('ppl_vs_bf16')):>9}{met:>8}"
                      f"{d.get('rel_l2', 0.0):>10.2e}{d.get('kl', 0.0):>12.2e}{d.get('top1_agree', 1.0):>13.4f}")
     return lines
@@ -222,7 +223,8 @@ def format_checkpoints(ckpts: list[dict]) -> list[str]:
     for c in ckpts:
         lines.append(f"{c['family']} ({c['architecture']}, {c['params']:,} parameters, "
                      f"fp32 {c['fp32_weight_bytes'] / 2**20:.2f} MiB; {c['tokens']} random tokens)")
-        lines.append(f"  {'precision':<16}{'weights MiB':>12}{'rel L2':>10}{'max |d|':>10}{'KL':>11}{'top-1 agree':>13}")
+        lines.append(f"  {'precision':<16}{'weights MiB':>12}{'rel L2':>10}{'max |d|':>10}{'KL':>11}"
+                     f"{'top-1 agree':>13}")
         for r in c["rows"]:
             if "skipped" in r:
                 lines.append(f"  {r['precision']:<16}skipped: {r['skipped']}")
@@ -243,7 +245,7 @@ def plot(result: dict, path: Path) -> None:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     labels = [r["precision"] for r in rows]
     bpb = [r["bits_per_byte"] for r in rows]
-    colors = ["tab:gray" if r["scheme"] is None else "tab:blue" if r["scheme"] == "int8" else "tab:orange" for r in rows]
+    colors = [{None: "tab:gray", "int8": "tab:blue", "int4": "tab:orange"}[r["scheme"]] for r in rows]
     ax.bar(labels, bpb, color=colors)
     lo, hi = min(bpb), max(bpb)
     bf16 = next((r for r in rows if r["precision"] == "bf16"), None)
@@ -309,7 +311,8 @@ def main() -> int:
               "lm": measure_lm(model, ids, n_bytes, todo, args.seq_len, args.drift_windows, lambda r: bar.update())}
     if not args.no_checkpoints:
         with tempfile.TemporaryDirectory() as tmp:
-            result["checkpoints"] = measure_checkpoints(todo, Path(tmp), seed=args.seed, progress=lambda r: bar.update())
+            result["checkpoints"] = measure_checkpoints(todo, Path(tmp), seed=args.seed,
+                                                        progress=lambda r: bar.update())
     bar.close()
     print(f"model: {source} ({result['layer_pattern']}, {result['params']:,} parameters)\ntext: {what}, "
           f"windows of {args.seq_len}\n")
