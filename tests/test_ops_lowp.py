@@ -50,10 +50,10 @@ def test_dequant_tile_is_exactly_its_twin(fmt, N, K, group, dtype):
 
 
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
-@pytest.mark.parametrize("rows", [1, 4, 5, 200])
+@pytest.mark.parametrize("rows", [1, 4, 5, 13, 200])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_qlinear_matches_its_twin_on_both_paths(bits, group, rows, x_dtype, monkeypatch):
-    """rows <= 4: the GEMV; more: dequantized tiles (made small here so that there are several)."""
+    """rows <= 16: the GEMV on blocks of 4 rows; more: dequantized tiles (small here, so that there are several)."""
     monkeypatch.setattr(lowp, "_TILE_BYTES", 4096)
     qw = quantize_weight(torch.randn(70, 256) * 0.05, bits, group)
     x = torch.randn(2, rows, 256).to(x_dtype)

@@ -3,10 +3,10 @@
 Legend: M rows of x (tokens), K in_features, N out_features.
 
 Two regimes, chosen per call by M:
-- decode (M <= 4): csrc/qgemv.cpp's wgemv reads the weights once, in their stored format, and
+- decode (M <= 4; quantized weights up to M = 16, in blocks of 4): csrc/qgemv.cpp's wgemv reads the weights once, in their stored format, and
   converts them in registers: the step is bandwidth-bound, so bf16 reads half of fp32's bytes,
   int8 a quarter, 4-bit an eighth (plus scales).
-- prefill (M > 4): the weight is expanded a tile of output rows at a time (~_TILE_BYTES, so it
+- prefill (more rows): the weight is expanded a tile of output rows at a time (~_TILE_BYTES, so it
   stays in cache) into the GEMM dtype and multiplied with torch's GEMM; never a dense copy of
   the whole matrix. The GEMM dtype is chosen once per machine: bf16 activations use the native
   bf16 GEMM where the CPU has one (AVX512-BF16 or AMX: oneDNN), else fp32 (bf16 -> fp32 is exact,
@@ -25,6 +25,10 @@ from jambalab.ops import cpu
 from jambalab.ops.quant_ref import QuantWeight, dequant_ref, qlinear_ref, wgemv_ref
 
 DECODE_ROWS = 4  # kMaxRows in qgemv.cpp
+# Up to this many rows (a batched decode step of the serving engine), a quantized matmul runs the GEMV
+# once per block of 4 rows: reading 0.5-1 byte a weight M/4 times costs less than writing and
+# re-reading a dequantized tile of 2-4 bytes a weight.
+GEMV_ROWS_QUANT = 16
 _TILE_BYTES = 1 << 20  # one dequantized tile of output rows
 
 
@@ -43,9 +47,10 @@ def gemm_dtype(x_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if x_dtype == torch.bfloat16 and native_bf16() else torch.float32
 
 
-def _decode_kernels(x: Tensor, *ts: Tensor | None):
-    """The compiled ops when this call is decode-sized and inference-only on the CPU, else None."""
-    if x.dim() < 1 or x.numel() == 0 or x.numel() > DECODE_ROWS * x.shape[-1]:
+def _decode_kernels(x: Tensor, *ts: Tensor | None, max_rows: int = DECODE_ROWS):
+    """The compiled ops when this call is decode-sized (<= max_rows rows) and inference-only on the
+    CPU, else None."""
+    if x.dim() < 1 or x.numel() == 0 or x.numel() > max_rows * x.shape[-1]:
         return None
     if x.dtype not in (torch.float32, torch.bfloat16) or torch.is_grad_enabled() and x.requires_grad:
         return None
@@ -77,9 +82,11 @@ def qlinear(x: Tensor, qw: QuantWeight, bias: Tensor | None = None) -> Tensor:
         raise ValueError(f"qlinear: x has {x.shape[-1]} features, the weight {qw.in_features}")
     if not x.is_cpu or cpu.kernels() is None:
         return qlinear_ref(x, qw, bias)
-    ops = _decode_kernels(x, qw.data, bias)
-    if ops is not None:
-        y = ops.wgemv(x.reshape(-1, x.shape[-1]).contiguous(), qw.data, qw.scales, qw.group_size, _bias32(bias))
+    ops = _decode_kernels(x, qw.data, bias, max_rows=GEMV_ROWS_QUANT)
+    if ops is not None:  # blocks of <= 4 rows, each reading the weights once: below the cost of dequantizing
+        x2, b = x.reshape(-1, x.shape[-1]).contiguous(), _bias32(bias)  # (M, K)
+        blocks = [ops.wgemv(xb, qw.data, qw.scales, qw.group_size, b) for xb in x2.split(DECODE_ROWS)]
+        y = blocks[0] if len(blocks) == 1 else torch.cat(blocks)  # (M, N)
         return y.view(*x.shape[:-1], qw.out_features)
     dtype = gemm_dtype(x.dtype)
     ops = cpu.kernels()
