@@ -552,7 +552,7 @@ class JambaLM(nn.Module):
             raise InputError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         if input_ids.numel() == 0:
             raise InputError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise InputError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
