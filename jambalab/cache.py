@@ -32,6 +32,11 @@ class AttentionState:
         self.v[:, :, start:end] = v_new
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def reserve(self, length: int) -> None:
+        """Room for `length` positions (jambalab.decode_step writes the next one in place)."""
+        if length > self.k.shape[2]:
+            self._grow(length)
+
     def _grow(self, needed: int) -> None:
         # Amortised doubling: a chunked prefill of n tokens copies O(n) bytes in total.
         cap = max(needed, 2 * self.k.shape[2], 16)

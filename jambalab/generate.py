@@ -166,12 +166,14 @@ def _stream(model, input_ids, attention_mask, cache, chunk_size, progress, param
     # not at the first next(). no_grad wraps each forward, never a yield: grad mode is
     # thread-local and would leak into the caller's code between steps.
     logits = prefill(model, input_ids, cache, attention_mask, chunk_size, progress)  # (B, V)
+    stops = bool(stopper.eos.numel() or stopper.stop_strings)  # else no row can finish early: skip the checks
     for step in range(max_new_tokens):
         tokens = sample_next(logits, params, gen)
-        tokens = torch.where(stopper.finished, torch.full_like(tokens, pad), tokens)  # (B,)
-        stopper.update(tokens)
+        if stops:
+            tokens = torch.where(stopper.finished, torch.full_like(tokens, pad), tokens)  # (B,)
+            stopper.update(tokens)
         yield tokens
-        if bool(stopper.finished.all()) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or (stops and bool(stopper.finished.all())):
             return
         with torch.no_grad():
             logits = model(tokens[:, None], cache=cache).logits[:, -1]  # (B, V)

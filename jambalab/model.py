@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from jambalab import ops
 from jambalab.cache import AttentionState, HybridCache, MambaState, cache_fingerprint
 from jambalab.config import JambaConfig
+from jambalab.decode_step import decode_step
 from jambalab.errors import InputError
 
 # SDPA materialises at most this many mask entries per call; longer chunks are split by query rows.
@@ -490,6 +491,10 @@ class JambaLM(nn.Module):
         and the (B, L, V) logits and their gradient are never held. A cache whose `length` is a (B,)
         tensor is a ragged batch (jambalab.serve.slots.SlotBatch): each row continues at its own length."""
         self._check_inputs(input_ids, cache, attention_mask)
+        if cache is not None and labels is None and attention_mask is None:
+            logits = decode_step(self, input_ids, cache)  # one token per row: every layer in one kernel call
+            if logits is not None:
+                return ModelOutput(logits=logits)
         past = 0 if cache is None else cache.length
         mask = None if attention_mask is None else attention_mask.bool()
         key_mask = cache.extend_mask(mask, input_ids.shape[1]) if cache is not None else mask
@@ -547,7 +552,7 @@ class JambaLM(nn.Module):
             raise InputError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         if input_ids.numel() == 0:
             raise InputError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise InputError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")

@@ -554,6 +554,7 @@ def _decode_logits(preset: str, bsz: int, monkeypatch, fused_on: bool, steps: in
         real = getattr(fused, name)
         monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     monkeypatch.setattr(ops, "decode_fusable", fused.decode_fusable if fused_on else (lambda *a: False))
+    monkeypatch.setattr(jambalab.model, "decode_step", lambda *a: None)  # layer by layer (test_decode_step.py: the step)
     model = jambalab.from_preset(preset, seed=0).eval()
     ids = torch.randint(3, model.config.vocab_size, (bsz, 9), generator=torch.Generator().manual_seed(1))
     cache = model.allocate_cache(bsz)

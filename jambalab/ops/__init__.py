@@ -6,7 +6,8 @@ Legend: B batch, L length, D d_inner, N d_state, K d_conv.
 - selective_scan, causal_conv1d, dt_softplus, linear, rms_norm, selective_state_update,
   causal_conv1d_update, cross_entropy, linear_cross_entropy (lm_head + loss in row chunks),
   decode_attention (one query per head over a KV cache), and the whole-layer decode steps
-  (decode_fusable, mamba_decode, mlp_decode, moe_decode): the fused CPU kernels of
+  (decode_fusable, mamba_decode, mlp_decode, moe_decode), and decode_step (a whole decode token
+  in one call; None under JAMBALAB_KERNELS=ref): the fused CPU kernels of
   jambalab/ops/fused.py. They check their inputs (InputError), run
   the C++ kernels for CPU tensors and the reference for any other device. The
   C++ is compiled once per machine at the first CPU call (cached under
@@ -48,6 +49,8 @@ if os.environ.get(KERNELS_ENV, "").strip().lower() == "ref":
 
     def decode_fusable(*_) -> bool:
         return False  # the model then decodes layer by layer through the references above
+
+    decode_step = None
 else:
     from jambalab.ops.fused import (
         causal_conv1d,
@@ -55,6 +58,7 @@ else:
         cross_entropy,
         decode_attention,
         decode_fusable,
+        decode_step,
         dt_softplus,
         linear,
         linear_cross_entropy,
@@ -76,6 +80,7 @@ __all__ = [
     "decode_attention",
     "decode_attention_ref",
     "decode_fusable",
+    "decode_step",
     "dt_softplus",
     "dt_softplus_ref",
     "linear",

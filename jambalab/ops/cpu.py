@@ -10,7 +10,7 @@ versions and this CPU's model and feature flags: a `-march=native` binary is
 never reused on another CPU, and a cached one loads without ninja or a compiler.
 Its ops live in `torch.ops.jambalab_kernels` (scan_fwd, scan_bwd,
 state_update, conv_update, conv_fwd, conv_bwd, dt_softplus_fwd/bwd, gemv, rms_norm, mamba_decode, mlp_decode,
-moe_decode, ce_fwd, ce_bwd, ce_bwd_, decode_attention, wgemv, dequant); jambalab/ops/fused.py
+moe_decode, decode_step, ce_fwd, ce_bwd, ce_bwd_, decode_attention, wgemv, dequant); jambalab/ops/fused.py
 and jambalab/ops/lowp.py wrap them.
 
 `kernels()` tries once per process. If the build fails it warns once and
@@ -130,6 +130,9 @@ def _register_fakes() -> None:
     def moe_decode(x, router_w, w_gate, w_up, w_down, top_k):
         return x.new_empty(x.shape[0], w_down.shape[1]), x.new_empty(x.shape[0], router_w.shape[0])
 
+    def decode_step(ids, weights, states, meta, eps):
+        return weights[2].new_empty(ids.shape[0], weights[2].shape[0])
+
     def ce_fwd(logits, target, ignore_index):
         return (logits.new_empty((), dtype=torch.float64), logits.new_empty(logits.shape[0]),
                 logits.new_empty((), dtype=torch.long))
@@ -151,7 +154,7 @@ def _register_fakes() -> None:
         return weight.new_empty(hi - lo, k, dtype=dtype)
 
     for fn in (scan_fwd, scan_bwd, state_update, conv_update, conv_fwd, conv_bwd, dt_softplus_fwd, dt_softplus_bwd,
-               gemv, rms_norm, mamba_decode, mlp_decode, moe_decode, ce_fwd, ce_bwd, ce_bwd_, decode_attention, wgemv, dequant):
+               gemv, rms_norm, mamba_decode, mlp_decode, moe_decode, decode_step, ce_fwd, ce_bwd, ce_bwd_, decode_attention, wgemv, dequant):
         torch.library.register_fake(f"{_LIB}::{fn.__name__}", fn)
 
 

@@ -22,6 +22,8 @@ when all tensors are on the CPU and the kernels built; otherwise the reference.
   the (T, V) logits (twin: loss_ref.linear_cross_entropy_ref).
 - decode_attention: one query per head over a whole KV cache, split over the keys
   (twin: attention_ref.decode_attention_ref).
+- decode_step: a whole decode token, all layers, in one call (csrc/step.cpp; its twin is the
+  model's layer-by-layer decode; jambalab/decode_step.py builds its arguments).
 """
 
 from __future__ import annotations
@@ -467,6 +469,14 @@ def moe_decode(x: Tensor, router_w: Tensor, w_gate: Tensor, w_up: Tensor, w_down
                top_k: int) -> tuple[Tensor, Tensor]:
     """The MoE layer for x (R, d): (y (R, d), router_logits (R, E))."""
     return cpu.kernels().moe_decode(x, router_w, w_gate, w_up, w_down, top_k)
+
+
+def decode_step(ids: Tensor, weights: list[Tensor], states: list[Tensor], meta: list[int],
+                eps: list[float]) -> Tensor:
+    """One token per row, ids (R,) -> logits (R, V), through every layer in one kernel call; the
+    states (conv/ssm or K/V per layer) are updated in place. The argument layout is csrc/step.cpp's
+    (built by jambalab.decode_step.DecodePlan, which checks the tensors fit once)."""
+    return cpu.kernels().decode_step(ids, weights, states, meta, eps)
 
 
 # ---------------------------------------------------------------- cross-entropy (training loss)

@@ -24,6 +24,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
 #include "simd.h"  // W, vf, load, hsum, exp2_fast
 
 namespace {
@@ -32,11 +33,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int64_t kSplitKeys = 2048;  // keys per task: ~0.5 MiB of K and V at hd 64, enough to amortise the fork
 constexpr int kBlock = 64;            // keys scored at once before the softmax update
 constexpr int kMaxGroup = 64;
-
-struct View {  // a (B, Hk, S, hd) tensor whose rows of hd floats are contiguous
-  const float* p;
-  int64_t sb, sh, ss;  // strides of b, head and key, in floats
-};
 
 // q . k for one key row (hd floats), by W-wide vectors.
 inline float dot(const float* q, const float* k, int64_t hd) {
@@ -127,45 +123,36 @@ void check(const at::Tensor& t, const char* name, int64_t B, int64_t hd) {
 
 }  // namespace
 
-// q (B, H, hd) -> (B, H, hd): softmax(q k^T / sqrt(hd)) v over all S keys, query head h using kv head h / G.
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && q.is_contiguous(),
-              "decode_attention: q must be contiguous float32 (B, H, hd), got ", q.sizes(), " ", q.scalar_type());
-  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2);
-  check(k, "k", B, hd);
-  check(v, "v", B, hd);
-  const int64_t Hk = k.size(1), S = k.size(2);
-  TORCH_CHECK(v.size(1) == Hk && v.size(2) == S, "decode_attention: k ", k.sizes(), " and v ", v.sizes(), " differ");
-  TORCH_CHECK(Hk >= 1 && H % Hk == 0 && H / Hk <= kMaxGroup, "decode_attention: ", H, " query heads over ", Hk,
-              " kv heads (groups of at most ", kMaxGroup, ")");
-  TORCH_CHECK(S >= 1, "decode_attention: no keys");
-  const int G = static_cast<int>(H / Hk);
-  const int64_t P = (S + kSplitKeys - 1) / kSplitKeys, tasks = B * Hk * P;
+namespace jambalab {
 
+int64_t DecodeAttention::tasks() const { return B * Hk * splits(); }
+
+int64_t DecodeAttention::splits() const { return (S + kSplitKeys - 1) / kSplitKeys; }
+
+void DecodeAttention::prepare(const float* q) {
   // Queries scaled once: scores come out in log2 units for exp2_fast.
   const float scale = kLog2e / std::sqrt(static_cast<float>(hd));
-  std::vector<float> qs(q.numel());
-  const float* qp = q.data_ptr<float>();
-  for (int64_t i = 0; i < q.numel(); ++i) qs[i] = qp[i] * scale;
+  const int64_t G = H / Hk, n = tasks();
+  qs.resize(B * H * hd);
+  for (int64_t i = 0; i < B * H * hd; ++i) qs[i] = q[i] * scale;
+  m.resize(n * G);
+  l.resize(n * G);
+  acc.resize(n * G * hd);
+}
 
-  std::vector<float> m(tasks * G), l(tasks * G), acc(tasks * G * hd);
-  const View K{k.data_ptr<float>(), k.stride(0), k.stride(1), k.stride(2)};
-  const View V{v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2)};
-  at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const int64_t b = t / (Hk * P), kh = (t / P) % Hk, p = t % P;
-      attend_split(qs.data() + (b * H + kh * G) * hd, G, K.p + b * K.sb + kh * K.sh, V.p + b * V.sb + kh * V.sh,
-                   K.ss, p * kSplitKeys, std::min(S, (p + 1) * kSplitKeys), hd, m.data() + t * G, l.data() + t * G,
-                   acc.data() + t * G * hd);
-    }
-  });
+void DecodeAttention::run(int64_t t) {
+  const int64_t P = splits(), G = H / Hk, b = t / (Hk * P), kh = (t / P) % Hk, p = t % P;
+  attend_split(qs.data() + (b * H + kh * G) * hd, static_cast<int>(G), k.p + b * k.sb + kh * k.sh,
+               v.p + b * v.sb + kh * v.sh, k.ss, p * kSplitKeys, std::min(S, (p + 1) * kSplitKeys), hd,
+               m.data() + t * G, l.data() + t * G, acc.data() + t * G * hd);
+}
 
-  // Merge the P splits of each (b, kv head, query).
-  auto out = at::empty({B, H, hd}, q.options());
-  float* o = out.data_ptr<float>();
+// Merge the P splits of each (b, kv head, query).
+void DecodeAttention::merge(float* o) const {
+  const int64_t P = splits(), G = H / Hk;
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t kh = 0; kh < Hk; ++kh) {
-      for (int g = 0; g < G; ++g) {
+      for (int64_t g = 0; g < G; ++g) {
         const int64_t t0 = (b * Hk + kh) * P;
         float top = -std::numeric_limits<float>::infinity();
         for (int64_t p = 0; p < P; ++p) top = std::max(top, m[(t0 + p) * G + g]);
@@ -183,6 +170,32 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       }
     }
   }
+}
+
+}  // namespace jambalab
+
+// q (B, H, hd) -> (B, H, hd): softmax(q k^T / sqrt(hd)) v over all S keys, query head h using kv head h / G.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && q.is_contiguous(),
+              "decode_attention: q must be contiguous float32 (B, H, hd), got ", q.sizes(), " ", q.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2);
+  check(k, "k", B, hd);
+  check(v, "v", B, hd);
+  const int64_t Hk = k.size(1), S = k.size(2);
+  TORCH_CHECK(v.size(1) == Hk && v.size(2) == S, "decode_attention: k ", k.sizes(), " and v ", v.sizes(), " differ");
+  TORCH_CHECK(Hk >= 1 && H % Hk == 0 && H / Hk <= kMaxGroup, "decode_attention: ", H, " query heads over ", Hk,
+              " kv heads (groups of at most ", kMaxGroup, ")");
+  TORCH_CHECK(S >= 1, "decode_attention: no keys");
+  jambalab::DecodeAttention att;
+  att.B = B, att.H = H, att.Hk = Hk, att.S = S, att.hd = hd;
+  att.k = {k.data_ptr<float>(), k.stride(0), k.stride(1), k.stride(2)};
+  att.v = {v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2)};
+  att.prepare(q.data_ptr<float>());
+  at::parallel_for(0, att.tasks(), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) att.run(t);
+  });
+  auto out = at::empty({B, H, hd}, q.options());
+  att.merge(out.data_ptr<float>());
   return out;
 }
 

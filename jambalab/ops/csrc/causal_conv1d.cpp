@@ -281,6 +281,11 @@ at::Tensor dt_softplus_fwd(const at::Tensor& dt, const at::Tensor& bias) {
   return out;
 }
 
+void dt_softplus_rows(const float* x, const float* bias, float* out, int64_t rows, int64_t D) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < D; ++d) out[r * D + d] = softplus(x[r * D + d] + bias[d]);
+}
+
 }  // namespace jambalab
 
 namespace {

@@ -55,16 +55,20 @@ inline void one_output(const float* x, const float* w, int64_t K, int64_t o, flo
 }
 
 template <int R>
+void outputs(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N, int64_t lo,
+             int64_t hi) {
+  for (int64_t o = lo; o < hi; ++o) one_output<R>(x, w, K, o, y, N);
+  if (bias) {
+    for (int r = 0; r < R; ++r)
+      for (int64_t j = lo; j < hi; ++j) y[r * N + j] += bias[j];
+  }
+}
+
+template <int R>
 void gemv_rows(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N) {
   // Each task reads >= ~64 KiB of W: smaller ones cost more in the fork than they save.
   const int64_t grain = std::max<int64_t>(4, 16384 / std::max<int64_t>(1, K));
-  at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t o = lo; o < hi; ++o) one_output<R>(x, w, K, o, y, N);
-    if (bias) {
-      for (int r = 0; r < R; ++r)
-        for (int64_t j = lo; j < hi; ++j) y[r * N + j] += bias[j];
-    }
-  });
+  at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) { outputs<R>(x, w, bias, y, K, N, lo, hi); });
 }
 
 }  // namespace
@@ -93,6 +97,16 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
     default: gemv_rows<4>(xp, wp, bp, yp, K, N); break;
   }
   return y;
+}
+
+void gemv_outputs(const float* x, int64_t R, const float* w, const float* bias, float* y, int64_t K, int64_t N,
+                  int64_t lo, int64_t hi) {
+  switch (R) {
+    case 1: outputs<1>(x, w, bias, y, K, N, lo, hi); break;
+    case 2: outputs<2>(x, w, bias, y, K, N, lo, hi); break;
+    case 3: outputs<3>(x, w, bias, y, K, N, lo, hi); break;
+    default: outputs<4>(x, w, bias, y, K, N, lo, hi); break;
+  }
 }
 
 }  // namespace jambalab
@@ -126,6 +140,10 @@ void rms_row(const float* x, const float* w, float* y, int64_t K, float eps) {
 }  // namespace
 
 namespace jambalab {
+
+void rms_norm_rows(const float* x, const float* w, float* y, int64_t rows, int64_t K, float eps) {
+  for (int64_t r = 0; r < rows; ++r) rms_row(x + r * K, w, y + r * K, K, eps);
+}
 
 at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, "rms_norm: x must be contiguous float32");

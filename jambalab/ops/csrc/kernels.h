@@ -7,7 +7,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace jambalab {
 
@@ -24,5 +26,43 @@ at::Tensor state_update(at::Tensor& h, const at::Tensor& x, const at::Tensor& dt
 // selective_scan.cpp: one conv step; conv_state (R, D, Kc) shifted in place; returns silu(conv) (R, D).
 at::Tensor conv_update(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias);
+
+
+// Raw-pointer pieces of the kernels above, for decode_step (step.cpp), which runs a whole decode
+// token through them on its own threads. Each computes exactly what its op computes for the
+// same rows, so the composition is bitwise the op-by-op result.
+
+// gemv.cpp: outputs [lo, hi) of y (R, N) = x (R, K) @ w (N, K)^T + bias.
+void gemv_outputs(const float* x, int64_t R, const float* w, const float* bias, float* y, int64_t K, int64_t N,
+                  int64_t lo, int64_t hi);
+// gemv.cpp: RMSNorm of `rows` rows of K floats (w may be null: weightless).
+void rms_norm_rows(const float* x, const float* w, float* y, int64_t rows, int64_t K, float eps);
+// causal_conv1d.cpp: out (rows, D) = softplus(x + bias).
+void dt_softplus_rows(const float* x, const float* bias, float* out, int64_t rows, int64_t D);
+// selective_scan.cpp: state_update / conv_update split their R * D rows into update_parts() parts
+// (the epilogue's vector/scalar split depends on them); part i of that split.
+int update_parts(int64_t rows, int64_t work_per_row);
+void state_update_part(int part, int parts, float* h, const float* x, const float* dt, const float* A,
+                       const float* B, const float* C, const float* D, const float* z, float* y, int64_t R,
+                       int64_t Dn, int64_t N);
+void conv_update_part(int part, int parts, const float* x, float* conv_state, const float* w, const float* bias,
+                      float* out, int64_t R, int64_t Dn, int64_t K);
+
+// attention.cpp: decode attention as prepare, tasks() independent run(t), merge (the op runs the
+// tasks on torch's threads, decode_step on its own).
+struct KvView {  // a (B, Hk, S, hd) tensor whose rows of hd floats are contiguous
+  const float* p;
+  int64_t sb, sh, ss;  // strides of b, head and key, in floats
+};
+struct DecodeAttention {
+  int64_t B = 0, H = 0, Hk = 0, S = 0, hd = 0;
+  KvView k{}, v{};
+  std::vector<float> qs, m, l, acc;  // scaled queries; per task and query: max, sum, output
+  int64_t splits() const;
+  int64_t tasks() const;
+  void prepare(const float* q);  // q (B, H, hd)
+  void run(int64_t t);
+  void merge(float* out) const;  // out (B, H, hd)
+};
 
 }  // namespace jambalab

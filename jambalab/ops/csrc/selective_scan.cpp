@@ -685,9 +685,11 @@ scan_bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const a
 // ---------------------------------------------------------------- decode steps
 
 // Splits [0, n) over threads only when there is enough work to pay for the fork.
+int row_parts(int64_t n, int64_t work_per_row) { return n * work_per_row >= (1 << 16) ? plan_threads(n) : 1; }
+
 template <typename F>
 void run_rows(int64_t n, int64_t work_per_row, const F& body) {
-  const int threads = n * work_per_row >= (1 << 16) ? plan_threads(n) : 1;
+  const int threads = row_parts(n, work_per_row);
   run_tasks(threads, threads, [&](int64_t i, int) { body(n * i / threads, n * (i + 1) / threads); });
 }
 
@@ -799,6 +801,15 @@ at::Tensor state_update(at::Tensor& h, const at::Tensor& x, const at::Tensor& dt
   return y;
 }
 
+int update_parts(int64_t rows, int64_t work_per_row) { return row_parts(rows, work_per_row); }
+
+void state_update_part(int part, int parts, float* h, const float* x, const float* dt, const float* A,
+                       const float* B, const float* C, const float* D, const float* z, float* y, int64_t R,
+                       int64_t Dn, int64_t N) {
+  const int64_t n = R * Dn;
+  state_update_rows<float>(n * part / parts, n * (part + 1) / parts, h, x, dt, A, B, C, D, z, y, Dn, N);
+}
+
 }  // namespace jambalab
 
 namespace {
@@ -850,6 +861,12 @@ at::Tensor conv_update(const at::Tensor& x, at::Tensor& conv_state, const at::Te
     });
   });
   return out;
+}
+
+void conv_update_part(int part, int parts, const float* x, float* conv_state, const float* w, const float* bias,
+                      float* out, int64_t R, int64_t Dn, int64_t K) {
+  const int64_t n = R * Dn;
+  conv_update_rows<float, float>(n * part / parts, n * (part + 1) / parts, x, conv_state, w, bias, out, Dn, K);
 }
 
 }  // namespace jambalab

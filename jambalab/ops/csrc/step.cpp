@@ -1,0 +1,362 @@
+// A whole decode step, all layers, in one op call: token ids (R,) -> logits (R, V), the cache's
+// states updated in place. Float32, CPU, 1 to 4 rows, one new token each, no padding.
+//
+// Legend: R rows, d d_model, D d_inner, N d_state, Rk dt_rank, Kc d_conv, H heads, Hk KV heads,
+// hd head_dim, S attended keys, E experts, F d_ff, V vocab.
+//
+// Why: on a small model the cost of a decode token is not the weights but the ~40 op calls around
+// them (Python, dispatcher, allocation): tiny-hybrid (0.35M parameters) took ~1.9 ms a token where
+// llama.cpp takes 0.26 ms. And each multithreaded kernel ended in an OpenMP barrier: with another
+// process busy on one core, the barrier waits for a descheduled thread (a scheduler time slice,
+// milliseconds) and a 2-thread decode ran 34x slower. Here:
+// - the layers run the same raw kernels, in the same order, on the same row splits as the
+//   layer-by-layer path (jambalab/model.py through mamba_decode / mlp_decode / moe_decode /
+//   decode_attention, its twin), so the logits are bitwise the same; only silu, the router's
+//   softmax and top-k call ATen (on the same shapes as that path, for the same bits);
+// - work is shared through StepPool: a job is split into small tasks that threads *claim*; the
+//   caller claims too and waits only for tasks another thread has started, never for a thread
+//   that is not running. A job below kParallelBytes of weights runs on the caller alone, and so
+//   does a whole step whose weights are below kParallelStepBytes (tiny models never wake a thread).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "kernels.h"
+
+namespace {
+
+constexpr int64_t kParallelBytes = 256 << 10;     // a GEMV reading less runs on the caller alone
+constexpr int64_t kTaskBytes = 64 << 10;          // weight bytes per claimed task
+constexpr int64_t kParallelStepBytes = 2 << 20;   // a step reading less never uses a second thread
+constexpr auto kSpin = std::chrono::microseconds(50);  // a worker polls this long before it sleeps
+
+// ---------------------------------------------------------------- StepPool
+
+class StepPool {
+ public:
+  static StepPool& get() {
+    static StepPool* pool = new StepPool;  // never destroyed: its detached workers sleep until exit
+    return *pool;
+  }
+
+  // body(i) for i in [0, n) on the caller and up to threads - 1 workers; returns when all are done.
+  template <typename F>
+  void run(int64_t n, int threads, const F& body) {
+    if (n <= 1 || threads <= 1 || !busy_.try_lock()) {  // a concurrent caller runs alone
+      for (int64_t i = 0; i < n; ++i) body(i);
+      return;
+    }
+    ensure_workers(threads - 1);
+    fn_ = [](const void* ctx, int64_t i) { (*static_cast<const F*>(ctx))(i); };
+    ctx_ = &body;
+    n_.store(n, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint32_t job = ++job_;
+    state_.store(static_cast<uint64_t>(job) << 32, std::memory_order_release);
+    seq_.store(job, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) seq_.notify_all();
+    work(job);
+    // Only tasks a worker has claimed are outstanding: it is running them (or was preempted inside one).
+    for (int spins = 0; done_.load(std::memory_order_acquire) < n; ++spins) {
+      if (spins < 4096) {
+        _mm_pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    busy_.unlock();
+  }
+
+ private:
+  // Claims and runs tasks of `job` until none is left.
+  void work(uint32_t job) {
+    for (;;) {
+      uint64_t s = state_.load(std::memory_order_acquire);
+      if (static_cast<uint32_t>(s >> 32) != job) return;
+      const int64_t i = static_cast<int64_t>(s & 0xffffffffu);
+      if (i >= n_.load(std::memory_order_relaxed)) return;
+      if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) continue;
+      fn_(ctx_, i);  // job is still open: fn_ and ctx_ are its own (the caller waits for this task)
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void worker() {
+    uint32_t seen = seq_.load();
+    for (;;) {
+      const auto start = std::chrono::steady_clock::now();
+      uint32_t now;
+      int polls = 0;
+      while ((now = seq_.load(std::memory_order_acquire)) == seen) {
+        _mm_pause();
+        if (++polls % 256 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          seq_.wait(seen, std::memory_order_seq_cst);
+          sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+        }
+      }
+      seen = now;
+      work(now);
+    }
+  }
+
+  void ensure_workers(int n) {
+    while (static_cast<int>(workers_) < n) {
+      std::thread([this] { worker(); }).detach();
+      ++workers_;
+    }
+  }
+
+  std::mutex busy_;
+  std::atomic<uint64_t> state_{0};  // (job << 32) | next unclaimed task
+  std::atomic<int64_t> n_{0}, done_{0};
+  std::atomic<uint32_t> seq_{0};    // the newest job, for workers to wait on
+  std::atomic<int> sleepers_{0};
+  uint32_t job_ = 0;
+  size_t workers_ = 0;
+  void (*fn_)(const void*, int64_t) = nullptr;
+  const void* ctx_ = nullptr;
+};
+
+// ---------------------------------------------------------------- the step
+
+const float* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+// out = v * w (first) or out + v * w, the product rounded before the sum as ATen's mul then add in
+// moe_decode: GCC would otherwise contract the two into one FMA (GNU C++ defaults to fp-contract=fast).
+__attribute__((optimize("fp-contract=off"))) void add_scaled(float* out, const float* v, float w, int64_t n,
+                                                             bool first) {
+  for (int64_t i = 0; i < n; ++i) out[i] = first ? v[i] * w : out[i] + v[i] * w;
+}
+
+struct Step {
+  int64_t R = 0;
+  int threads = 1;
+
+  template <typename F>
+  void par(int64_t tasks, const F& body) const {
+    StepPool::get().run(tasks, threads, body);
+  }
+
+  // y (R, N) = x (R, K) @ w^T + b: split by output rows into kTaskBytes tasks when large enough.
+  void gemv(const float* x, const at::Tensor& w, const float* b, float* y) const {
+    const int64_t N = w.size(0), K = w.size(1);
+    const float* wp = w.data_ptr<float>();
+    if (threads <= 1 || N * K * 4 < kParallelBytes) {
+      jambalab::gemv_outputs(x, R, wp, b, y, K, N, 0, N);
+      return;
+    }
+    const int64_t rows = std::max<int64_t>(4, kTaskBytes / (4 * K)), tasks = (N + rows - 1) / rows;
+    par(tasks, [&](int64_t t) { jambalab::gemv_outputs(x, R, wp, b, y, K, N, t * rows, std::min(N, (t + 1) * rows)); });
+  }
+
+  // silu(g) * u in place in g, (rows, F): ATen's silu_ on the same shape as model.swiglu / decode.cpp.
+  static void swiglu(float* g, const float* u, int64_t rows, int64_t F) {
+    at::Tensor gt = at::from_blob(g, {rows, F}, at::TensorOptions().dtype(at::kFloat));
+    at::silu_(gt);
+    for (int64_t i = 0; i < rows * F; ++i) g[i] *= u[i];
+  }
+
+  // down(silu(gate(x)) * up(x)) for `rows` rows of x.
+  void mlp(const float* x, int64_t rows, const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd,
+           float* y) const {
+    const int64_t F = wg.size(0);
+    std::vector<float> g(rows * F), u(rows * F);
+    Step one = *this;
+    one.R = rows;
+    one.gemv(x, wg, nullptr, g.data());
+    one.gemv(x, wu, nullptr, u.data());
+    swiglu(g.data(), u.data(), rows, F);
+    one.gemv(g.data(), wd, nullptr, y);
+  }
+
+  // MoE.forward / moe_decode: softmax router, top-k not renormalised, experts summed in ascending id order.
+  void moe(const float* x, const at::Tensor* w, int64_t top_k, int64_t d, float* y) const {
+    const at::Tensor &router = w[0], &wg = w[1], &wu = w[2], &wd = w[3];
+    const int64_t E = router.size(0);
+    at::Tensor logits = at::empty({R, E}, at::TensorOptions().dtype(at::kFloat));
+    gemv(x, router, nullptr, logits.data_ptr<float>());
+    const auto [weights, experts] = at::topk(at::softmax(logits, -1, at::kFloat), top_k, -1);  // (R, k)
+    const auto ids = experts.accessor<int64_t, 2>();
+    const auto wts = weights.accessor<float, 2>();
+    std::vector<float> ye(d);
+    for (int64_t r = 0; r < R; ++r) {
+      std::vector<int64_t> order(top_k);
+      for (int64_t k = 0; k < top_k; ++k) order[k] = k;
+      std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[r][a] < ids[r][b]; });
+      float* out = y + r * d;
+      for (int64_t j = 0; j < top_k; ++j) {
+        const int64_t k = order[j], e = ids[r][k];
+        const float wk = wts[r][k];
+        mlp(x + r * d, 1, wg.select(0, e), wu.select(0, e), wd.select(0, e), ye.data());
+        add_scaled(out, ye.data(), wk, d, j == 0);
+      }
+    }
+  }
+
+  // The rows' state update parts (update_parts: as the op splits them), on the pool when several.
+  template <typename F>
+  void parts(int64_t work_per_row, int64_t rows, const F& body) const {
+    const int p = jambalab::update_parts(rows, work_per_row);
+    if (p == 1) {
+      body(0, 1);
+    } else {
+      par(p, [&](int64_t i) { body(static_cast<int>(i), p); });
+    }
+  }
+
+  // MambaMixer decode (mamba_decode): x (R, d) -> y (R, d); conv (R, D, Kc), ssm (R, D, N) in place.
+  void mamba(const float* x, const at::Tensor* w, bool inner_norm, float inner_eps, at::Tensor& conv,
+             at::Tensor& ssm, float* y) const {
+    const at::Tensor &in_w = w[0], &conv_w = w[2], &x_proj = w[4], &dt_proj = w[8], &A = w[10], &Dsk = w[11],
+                     &out_w = w[12];
+    const int64_t Dn = ssm.size(1), N = ssm.size(2), Kc = conv.size(2), Rk = dt_proj.size(1), Wd = Rk + 2 * N;
+    std::vector<float> xz(R * 2 * Dn), xs(R * Dn), z(R * Dn), xc(R * Dn), dbc(R * Wd), dt(R * Rk), B(R * N),
+        C(R * N), dtf(R * Dn), dts(R * Dn), yy(R * Dn);
+    gemv(x, in_w, ptr(w[1]), xz.data());
+    for (int64_t r = 0; r < R; ++r) {  // the x and z halves, as contiguous (R, D) blocks
+      std::memcpy(xs.data() + r * Dn, xz.data() + r * 2 * Dn, Dn * 4);
+      std::memcpy(z.data() + r * Dn, xz.data() + r * 2 * Dn + Dn, Dn * 4);
+    }
+    float* cs = conv.data_ptr<float>();
+    parts(Kc, R * Dn, [&](int p, int np) {
+      jambalab::conv_update_part(p, np, xs.data(), cs, conv_w.data_ptr<float>(), ptr(w[3]), xc.data(), R, Dn, Kc);
+    });
+    gemv(xc.data(), x_proj, nullptr, dbc.data());
+    for (int64_t r = 0; r < R; ++r) {
+      std::memcpy(dt.data() + r * Rk, dbc.data() + r * Wd, Rk * 4);
+      std::memcpy(B.data() + r * N, dbc.data() + r * Wd + Rk, N * 4);
+      std::memcpy(C.data() + r * N, dbc.data() + r * Wd + Rk + N, N * 4);
+    }
+    if (inner_norm) {
+      jambalab::rms_norm_rows(dt.data(), ptr(w[5]), dt.data(), R, Rk, inner_eps);
+      jambalab::rms_norm_rows(B.data(), ptr(w[6]), B.data(), R, N, inner_eps);
+      jambalab::rms_norm_rows(C.data(), ptr(w[7]), C.data(), R, N, inner_eps);
+    }
+    gemv(dt.data(), dt_proj, nullptr, dtf.data());
+    jambalab::dt_softplus_rows(dtf.data(), w[9].data_ptr<float>(), dts.data(), R, Dn);
+    float* hs = ssm.data_ptr<float>();
+    parts(N, R * Dn, [&](int p, int np) {
+      jambalab::state_update_part(p, np, hs, xc.data(), dts.data(), A.data_ptr<float>(), B.data(), C.data(),
+                                  ptr(Dsk), z.data(), yy.data(), R, Dn, N);
+    });
+    gemv(yy.data(), out_w, ptr(w[13]), y);
+  }
+
+  // Attention decode: q, k, v projections, the new K/V written at `past`, decode attention over
+  // past + 1 keys, o_proj. k_cache, v_cache (R, Hk, capacity, hd).
+  void attention(const float* x, const at::Tensor* w, int64_t H, int64_t Hk, int64_t hd, int64_t past,
+                 at::Tensor& k_cache, at::Tensor& v_cache, float* y) const {
+    std::vector<float> q(R * H * hd), k(R * Hk * hd), v(R * Hk * hd), o(R * H * hd);
+    gemv(x, w[0], nullptr, q.data());
+    gemv(x, w[1], nullptr, k.data());
+    gemv(x, w[2], nullptr, v.data());
+    float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+    const int64_t sb = k_cache.stride(0), sh = k_cache.stride(1), ss = k_cache.stride(2);
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t h = 0; h < Hk; ++h) {
+        std::memcpy(kc + r * sb + h * sh + past * ss, k.data() + (r * Hk + h) * hd, hd * 4);
+        std::memcpy(vc + r * sb + h * sh + past * ss, v.data() + (r * Hk + h) * hd, hd * 4);
+      }
+    }
+    jambalab::DecodeAttention att;
+    att.B = R, att.H = H, att.Hk = Hk, att.S = past + 1, att.hd = hd;
+    att.k = {kc, sb, sh, ss};
+    att.v = {vc, sb, sh, ss};
+    att.prepare(q.data());
+    const int64_t kv_bytes = 8 * R * Hk * att.S * hd;
+    if (threads > 1 && kv_bytes >= kParallelBytes) {
+      par(att.tasks(), [&](int64_t t) { att.run(t); });
+    } else {
+      for (int64_t t = 0; t < att.tasks(); ++t) att.run(t);
+    }
+    att.merge(o.data());
+    gemv(o.data(), w[3], nullptr, y);
+  }
+};
+
+constexpr int kGlobal = 3;   // embed, norm_f, lm_head
+constexpr int kSlots = 20;   // per layer: norm1, norm2, 14 mixer slots, 4 FFN slots
+constexpr int kMixer = 2, kFfn = 16;
+constexpr int kMeta = 4;     // n_heads, n_kv_heads, head_dim, past
+constexpr int kLayerMeta = 4;  // mixer (0 Mamba, 1 attention), ffn (0 none, 1 MLP, 2 MoE), top_k, inner_norm
+
+at::Tensor decode_step(const at::Tensor& ids, at::TensorList weights, at::TensorList states, at::IntArrayRef meta,
+                       at::ArrayRef<double> eps) {
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.size(0) >= 1 && ids.size(0) <= 4,
+              "decode_step: ids must be int64 (R,) with 1 <= R <= 4, got ", ids.sizes());
+  TORCH_CHECK(meta.size() >= kMeta && (meta.size() - kMeta) % kLayerMeta == 0 && eps.size() == 2,
+              "decode_step: bad meta");
+  const int64_t L = (meta.size() - kMeta) / kLayerMeta;
+  TORCH_CHECK(weights.size() == static_cast<size_t>(kGlobal + kSlots * L) && states.size() == static_cast<size_t>(2 * L),
+              "decode_step: ", L, " layers need ", kGlobal + kSlots * L, " weights and ", 2 * L, " states");
+  int64_t bytes = 0;
+  for (const at::Tensor& t : weights) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
+                "decode_step: weights must be contiguous float32 CPU tensors");
+    bytes += t.numel() * 4;
+  }
+  for (const at::Tensor& t : states)
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu() && t.dim() >= 3 &&
+                    t.size(0) == ids.size(0),
+                "decode_step: states must be contiguous float32 CPU tensors of the batch's rows");
+  const at::Tensor &embed = weights[0], &lm_head = weights[2];
+  const int64_t R = ids.size(0), d = embed.size(1), V = lm_head.size(0);
+  const int64_t H = meta[0], Hk = meta[1], hd = meta[2], past = meta[3];
+  const float norm_eps = static_cast<float>(eps[0]), inner_eps = static_cast<float>(eps[1]);
+
+  Step step;
+  step.R = R;
+  step.threads = bytes >= kParallelStepBytes ? at::get_num_threads() : 1;
+  std::vector<float> h(R * d), xn(R * d), y(R * d);
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(id[r] >= 0 && id[r] < embed.size(0), "decode_step: token id ", id[r], " out of range");
+    std::memcpy(h.data() + r * d, embed.data_ptr<float>() + id[r] * d, d * 4);
+  }
+  for (int64_t i = 0; i < L; ++i) {
+    const at::Tensor* w = &weights[kGlobal + kSlots * i];
+    const int64_t* lm = &meta[kMeta + kLayerMeta * i];
+    at::Tensor s0 = states[2 * i], s1 = states[2 * i + 1];
+    jambalab::rms_norm_rows(h.data(), ptr(w[0]), xn.data(), R, d, norm_eps);
+    if (lm[0] == 1) {
+      step.attention(xn.data(), w + kMixer, H, Hk, hd, past, s0, s1, y.data());
+    } else {
+      step.mamba(xn.data(), w + kMixer, lm[3] != 0, inner_eps, s0, s1, y.data());
+    }
+    for (int64_t j = 0; j < R * d; ++j) h[j] = h[j] + y[j];
+    if (lm[1] == 0) continue;
+    jambalab::rms_norm_rows(h.data(), ptr(w[1]), xn.data(), R, d, norm_eps);
+    if (lm[1] == 1) {
+      step.mlp(xn.data(), R, w[kFfn], w[kFfn + 1], w[kFfn + 2], y.data());
+    } else {
+      step.moe(xn.data(), w + kFfn, lm[2], d, y.data());
+    }
+    for (int64_t j = 0; j < R * d; ++j) h[j] = h[j] + y[j];
+  }
+  jambalab::rms_norm_rows(h.data(), ptr(weights[1]), xn.data(), R, d, norm_eps);
+  at::Tensor logits = at::empty({R, V}, embed.options());
+  step.gemv(xn.data(), lm_head, nullptr, logits.data_ptr<float>());
+  return logits;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(jambalab_kernels, m) {
+  m.def("decode_step(Tensor ids, Tensor[] weights, Tensor(a!)[] states, int[] meta, float[] eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(jambalab_kernels, CPU, m) {
+  m.impl("decode_step", &decode_step);
+}

@@ -1,0 +1,127 @@
+"""The whole-token decode op (ops.decode_step, csrc/step.cpp) against its twin, the model's
+layer-by-layer decode: bitwise equal logits and states, and a fall back wherever it does not apply."""
+
+import pytest
+import torch
+
+import jambalab
+import jambalab.model as model_module
+from jambalab import decode_step as ds
+from jambalab import ops
+from jambalab.generate import generate, prefill
+from jambalab.ops import cpu
+
+
+def needs_kernels():
+    if cpu.kernels() is None or ops.decode_step is None:
+        pytest.skip("fused kernels unavailable")
+
+
+def _decode(model, ids, fast: bool, monkeypatch, steps: int = 5):
+    """Prefill ids, then greedy-decode `steps` tokens; (stacked logits, final cache, op calls)."""
+    calls = []
+    real = ops.decode_step
+    monkeypatch.setattr(ops, "decode_step", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(model_module, "decode_step", ds.decode_step if fast else (lambda *a: None))
+    cache = model.allocate_cache(ids.shape[0])  # capacity 0: the step grows the KV cache itself
+    logits = [prefill(model, ids, cache)]
+    with torch.no_grad():
+        for _ in range(steps):
+            logits.append(model(logits[-1].argmax(-1, keepdim=True), cache=cache).logits[:, -1])
+    monkeypatch.undo()
+    return torch.stack(logits), cache, len(calls)
+
+
+def _states(cache):
+    return [t[:, :, :cache.length] if t.dim() == 4 else t
+            for st in cache.layers for t in ((st.k, st.v) if hasattr(st, "k") else (st.conv, st.ssm))]
+
+
+CASES = [("tiny-hybrid", {}), ("tiny-mamba", {}), ("tiny-falcon-mamba", {}), ("tiny-transformer", {}),
+         ("tiny-mixtral", {"rope": False})]
+
+
+@pytest.mark.parametrize("preset,overrides", CASES)
+@pytest.mark.parametrize("bsz", [1, 3])
+def test_decode_step_equals_the_layer_by_layer_decode(preset, overrides, bsz, monkeypatch):
+    needs_kernels()
+    model = jambalab.from_preset(preset, seed=0, **overrides).eval()
+    ids = torch.randint(3, model.config.vocab_size, (bsz, 9), generator=torch.Generator().manual_seed(1))
+    got, got_cache, calls = _decode(model, ids, True, monkeypatch)
+    want, want_cache, none = _decode(model, ids, False, monkeypatch)
+    assert calls == 5 and none == 0
+    assert torch.equal(got, want)
+    assert got_cache.length == want_cache.length == 14
+    for a, b in zip(_states(got_cache), _states(want_cache)):
+        assert torch.equal(a, b)
+
+
+def test_decode_step_on_several_threads_equals_one(monkeypatch):
+    """A step reading more than 2 MiB shares its large GEMVs (here the lm_head) over the threads."""
+    needs_kernels()
+    model = jambalab.from_preset("tiny-hybrid", seed=0, vocab_size=16384).eval()  # 4 MiB lm_head
+    ids = torch.randint(3, 16384, (2, 5), generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 1):  # prefill's own kernels split by the thread count: compare at equal counts
+            torch.set_num_threads(n)
+            got, _, calls = _decode(model, ids, True, monkeypatch, steps=4)
+            want, _, _ = _decode(model, ids, False, monkeypatch, steps=4)
+            assert calls == 4 and torch.equal(got, want)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _count_calls(monkeypatch):
+    calls = []
+    real = ops.decode_step
+    monkeypatch.setattr(ops, "decode_step", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("change", ["rope", "bf16", "grad", "padded", "five_rows", "empty_cache"])
+def test_what_the_step_does_not_take_decodes_layer_by_layer(change, monkeypatch):
+    needs_kernels()
+    model = jambalab.from_preset("tiny-mixtral" if change == "rope" else "tiny-hybrid", seed=0).eval()
+    if change == "bf16":
+        model = model.to(torch.bfloat16)
+    bsz = 5 if change == "five_rows" else 2
+    ids = torch.randint(3, 512, (bsz, 6), generator=torch.Generator().manual_seed(3))
+    calls = _count_calls(monkeypatch)
+    cache = model.allocate_cache(bsz)
+    if change == "empty_cache":
+        with torch.no_grad():
+            out = model(ids[:, :1], cache=cache)
+    elif change == "padded":
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        out = generate(model, ids, 3, attention_mask=mask)
+    else:
+        prefill(model, ids, cache)
+        with torch.enable_grad() if change == "grad" else torch.no_grad():
+            out = model(ids[:, -1:], cache=cache)
+    assert out is not None and not calls
+
+
+def test_a_swapped_module_rebuilds_the_plan(monkeypatch):
+    """quantize_model swaps modules: the plan is dropped and the int8 model decodes layer by layer."""
+    needs_kernels()
+    from jambalab.quant import quantize_model
+
+    model = jambalab.from_preset("tiny-hybrid", seed=0, tie_embeddings=False).eval()
+    ids = torch.randint(3, 512, (1, 6), generator=torch.Generator().manual_seed(4))
+    calls = _count_calls(monkeypatch)
+    generate(model, ids, 3)
+    assert len(calls) == 2
+    quantize_model(model, "int8")
+    generate(model, ids, 3)
+    assert len(calls) == 2
+
+
+def test_generate_with_the_step_equals_generate_without(monkeypatch):
+    needs_kernels()
+    model = jambalab.from_preset("tiny-hybrid", seed=0).eval()
+    ids = torch.randint(3, 512, (2, 7), generator=torch.Generator().manual_seed(5))
+    fast = generate(model, ids, 12, do_sample=True, top_k=20, seed=3)
+    monkeypatch.setattr(model_module, "decode_step", lambda *a: None)
+    assert torch.equal(fast, generate(model, ids, 12, do_sample=True, top_k=20, seed=3))
