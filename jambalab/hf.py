@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from jambalab.config import JambaConfig
-from jambalab.errors import CheckpointError, ConfigError, UnsupportedError
+from jambalab.errors import CheckpointError, ConfigError, InputError, UnsupportedError
 from jambalab.model import JambaLM, MoE
 
 FAMILIES = ("jamba", "mamba", "falcon_mamba")
@@ -326,6 +326,8 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, qu
     memory-mapped, not copied. quantize ("int8", "int4", ...; see jambalab.quant.quantize_model)
     quantizes the loaded model module by module, with `group_size` (None: the scheme's default).
     """
+    if group_size is not None and quantize is None:
+        raise InputError(f"group_size={group_size} needs quantize= (a group size of what?)")
     path = resolve_model_dir(path)
     if _native_config(path) is not None:
         model = _load_native(path, dtype)
