@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from jambalab.config import JambaConfig
-from jambalab.errors import CheckpointError, ConfigError
+from jambalab.errors import CheckpointError, ConfigError, InputError
 from jambalab.model import JambaLM, MoE
 
 FAMILIES = ("jamba", "mamba", "falcon_mamba")
@@ -328,6 +328,8 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, qu
     checkpoint written by jambalab.quant.save_quantized loads as stored (quantize / group_size, if
     given, must match it; dtype must be its float dtype).
     """
+    if group_size is not None and quantize is None:
+        raise InputError(f"group_size={group_size} needs quantize= (a group size of what?)")
     path = resolve_model_dir(path)
     from jambalab import quant
 

@@ -2,6 +2,7 @@
 llama-bench parsing and the side-by-side table. (llama.cpp itself is not built in CI.)"""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,20 @@ def test_converter_tokenizer_is_a_working_sentencepiece_model(tmp_path):
     text = "def forward(self, x): # (B, L, d) ü"
     assert sp.decode(sp.encode(text)) == text  # byte fallback: any text round-trips
     assert write_tokenizer(tmp_path) == path  # kept, not retrained
+
+
+LLAMA_CPP_DIR = os.environ.get("JAMBALAB_LLAMA_CPP_DIR")  # a built tree: build/bin/llama-bench, llama-quantize
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LLAMA_CPP_DIR, reason="set JAMBALAB_LLAMA_CPP_DIR to a llama.cpp tree built as in docs/precision.md")
+def test_quick_run_against_llama_cpp_end_to_end(work, capsys):
+    tree = Path(LLAMA_CPP_DIR)
+    assert main(["bench", "peers", "--quick", "--work", str(work), "--llama-bench", str(tree / "build/bin/llama-bench"),
+                 "--llama-cpp-dir", str(tree), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for key in ("A", "B"):
+        for kind in ("F32", "BF16", "Q8_0", "Q4_0", "Q4_K_M"):
+            got = res["llama_cpp"][key][kind]
+            assert got["prefill"]["best"] > 0 and got["decode"]["best"] > 0 and got["bytes_per_token"] > 0, got
+        assert res["parity"][key].get("tokens_equal") == res["parity"][key].get("tokens", -1), res["parity"][key]

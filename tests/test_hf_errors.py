@@ -166,6 +166,8 @@ def test_quantize_hook_gets_the_loaded_model(ckpt, monkeypatch):
     monkeypatch.setattr(quant, "quantize_model", fake, raising=False)
     jambalab.from_pretrained(ckpt, dtype="bfloat16", quantize="int4", group_size=64)
     assert seen == {"how": "int4", "group_size": 64, "dtype": torch.bfloat16}
+    with pytest.raises(InputError, match="group_size=64 needs quantize"):
+        jambalab.from_pretrained(ckpt, group_size=64)
 
 
 def test_training_checkpoint_and_run_directories_load(ckpt, tmp_path):
