@@ -58,7 +58,7 @@ def plot_needle(rows: list[dict], out: Path) -> list[Path]:
             ax.set_ylabel("")
     fig.colorbar(im, ax=list(axes[0]), label="needle retrieval accuracy", shrink=0.9)
     fig.suptitle(f"key-value needle in a haystack, trained on contexts of up to {train_len} tokens "
-                 f"(dashed line); one key-value pair per 16 tokens", fontsize=10)
+                 f"(dashed line); one key-value pair per {rows[0]['task_params']['pair_every']} tokens", fontsize=10)
     heat = _save(fig, out / "needle-heatmaps.png", tight=False)
 
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -69,7 +69,7 @@ def test_mixed_length_batches_are_deterministic_and_never_repeat():
     assert not setup.batch(0)[0].equal(setup.batch(n)[0])  # same length, later samples
     ids, labels = setup.batch(0)
     answers = (labels[:, 1:] != -100).sum(1)
-    assert (answers == ablate.MQAR_POINTS[ids.shape[1]]).all()  # every key asked once
+    assert (answers == ablate.MQAR_POINTS[ids.shape[1]] // 2).all()  # half the keys asked: no elimination
 
 
 @pytest.mark.parametrize("clock", ["cpu", "wall"])

@@ -119,7 +119,9 @@ def test_needle_sits_at_the_stated_depth_and_is_asked_first(seq_len, depth):
         needle_key = row[hay + 1]  # the first key asked
         assert pairs[needle_key] == (at, row[at + 1])  # ... is the pair at the stated depth
         answers = [t for t, x in enumerate(lab) if x != IGNORE]
-        assert answers == [hay + 2 + 2 * q for q in range(task.n_queries)]
+        assert answers == [hay + 2 + 2 * q for q in range(task.queries(seq_len))]
+        asked = [row[t - 1] for t in answers]
+        assert len(set(asked)) == len(asked) == max(1, len(pairs) // 2)  # half the pairs, each once
         for t in answers:  # every answer is the value bound to the key just asked
             assert lab[t] == row[t] == pairs[row[t - 1]][1]
 
@@ -148,7 +150,8 @@ def test_first_answer_keeps_only_the_needles_answer():
     ({"n_keys": 8}, 256, "more than the 8 distinct keys"),
     ({"depth": -0.1}, 64, "depth"),
     ({"n_queries": 0}, 64, "n_queries must be positive"),
-    ({"n_queries": 25}, 64, "too short"),
+    ({"n_queries": 5}, 64, "exceeds the 4 pairs"),
+    ({"pair_every": 2}, 64, "too short"),
     ({"n_keys": 300}, 64, "vocabulary has 256"),
 ])
 def test_needle_impossible_settings_are_clear_errors(kw, seq_len, msg):
