@@ -63,6 +63,10 @@ def plot_needle(rows: list[dict], out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     _plot_by_length(ax, rows, "needle: accuracy against context length (mean ± sd over seeds)")
+    lengths, every = rows[0]["needle_grid"]["lengths"], rows[0]["task_params"]["pair_every"]
+    ax.plot(lengths, [1 / max(1, n // every) for n in lengths], color="gray", ls=":",
+            label="naming one of the context's values")  # what a model that looks nothing up can score
+    ax.legend(fontsize=7)
     ax.axvline(train_len, color="gray", ls="--", lw=1)
     ax.text(train_len, 1.0, " longest training length", fontsize=7, va="top", color="gray")
     return [heat, _save(fig, out / "needle-by-length.png")]
@@ -102,6 +106,7 @@ def _plot_by_length(ax, rows: list[dict], title: str) -> None:
         ax.errorbar(xs, [by[str(x)]["mean"] for x in xs], yerr=[by[str(x)]["std"] for x in xs], marker="o",
                     capsize=3, color=colors[r["name"]], label=r["name"])
     ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("accuracy (held out)")
     ax.set_ylim(-0.02, 1.02)
