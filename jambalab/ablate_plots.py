@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jambalab.ablate import summarize
+from jambalab.ablate import no_lookup_accuracy, summarize
 
 
 def plot_results(results: list[dict], out: Path) -> list[Path]:
@@ -63,9 +63,9 @@ def plot_needle(rows: list[dict], out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     _plot_by_length(ax, rows, "needle: accuracy against context length (mean ± sd over seeds)")
-    lengths, every = rows[0]["needle_grid"]["lengths"], rows[0]["task_params"]["pair_every"]
-    ax.plot(lengths, [1 / max(1, n // every) for n in lengths], color="gray", ls=":",
-            label="naming one of the context's values")  # what a model that looks nothing up can score
+    lengths, params = rows[0]["needle_grid"]["lengths"], rows[0]["task_params"]
+    ax.plot(lengths, [no_lookup_accuracy(max(1, n // params["pair_every"]), params["n_values"]) for n in lengths],
+            color="gray", ls=":", label="no lookup: the context's commonest value")
     ax.legend(fontsize=7)
     ax.axvline(train_len, color="gray", ls="--", lw=1)
     ax.text(train_len, 1.0, " longest training length", fontsize=7, va="top", color="gray")

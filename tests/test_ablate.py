@@ -169,6 +169,13 @@ def test_needle_grid_scores_the_needles_answer_exactly():
     assert wrong.max() < 0.5  # the value of a neighbouring pair is a miss (unless the values coincide)
 
 
+def test_no_lookup_baseline():
+    assert ablate.no_lookup_accuracy(1, 16) == 1.0  # one pair: its value is the answer
+    assert ablate.no_lookup_accuracy(2, 16, samples=4000) == pytest.approx(0.5 + 0.5 / 16, abs=0.02)
+    assert ablate.no_lookup_accuracy(2, 1) == 1.0  # one value id: always right
+    assert ablate.no_lookup_accuracy(32, 16) > 1 / 32 + 0.05  # repeated values lift it above 1/P
+
+
 def test_cli_needle_task_draws_heatmaps(tmp_path, capsys):
     out = tmp_path / "runs"
     assert main(["ablate", "--task", "needle", "--only", "mamba,hybrid-1:7", "--out", str(out), "--json",
