@@ -183,7 +183,8 @@ def test_cli_needle_task_draws_heatmaps(tmp_path, capsys):
     runs = json.loads(capsys.readouterr().out)
     assert [(r["name"], r["seed"]) for r in runs] == [("mamba", 0), ("hybrid-1:7", 0), ("mamba", 1), ("hybrid-1:7", 1)]
     grid = runs[0]["needle_grid"]
-    assert grid["lengths"] == list(ablate.NEEDLE_LENGTHS) and max(grid["lengths"]) == 8 * max(ablate.NEEDLE_TRAIN_LENGTHS)
+    assert grid["lengths"] == list(ablate.NEEDLE_LENGTHS)
+    assert max(grid["lengths"]) == 8 * max(ablate.NEEDLE_TRAIN_LENGTHS)  # up to 8x the training length
     assert len(grid["accuracy"]) == len(ablate.NEEDLE_DEPTHS)
     for png in ("needle-heatmaps.png", "needle-by-length.png", "ablate-needle.png"):
         assert (out / png).stat().st_size > 1000

@@ -1,4 +1,4 @@
-"""Synthetic recall tasks, generated from a seed: MQAR, passkey retrieval, selective copying.
+"""Synthetic recall tasks, generated from a seed: MQAR, key-value needle, passkey retrieval, selective copying.
 
 Legend: B batch, L seq_len, V vocab.
 
