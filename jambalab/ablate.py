@@ -1,16 +1,16 @@
 """The Jamba paper's ablations (arXiv 2403.19887, Sec. 6) at CPU scale: one knob per run.
 
     configs = grid_configs()                        # name -> JambaConfig: hybrid-1:7 with one knob changed
-    setup = make_setup("mqar")                      # training batches + held-out scoring points
-    result = run_one("mamba", configs["mamba"], setup, budget_s=300, hp=TrainHParams(), run_dir=Path("r"))
-    results = run_grid(["attention", "mamba", "hybrid-1:7"], "mqar", budget_s=300, out=Path("runs"))
-    print(format_table(results))
+    setup = make_setup("needle")                    # training batches + held-out scoring points
+    result = run_one("mamba", configs["mamba"], setup, hp=TrainHParams(max_tokens=10**6), seed=0)
+    results = run_grid(["attention", "mamba", "hybrid-1:7"], "needle", seeds=[0, 1, 2], out=Path("runs"))
+    print(format_table(summarize(results)))       # mean and spread over the seeds
 
-Every run gets the same data, the same token budget and the same time budget (whichever ends
-first), and a cosine schedule that decays over that budget, so no run is judged half-trained.
-The time budget counts this process's CPU seconds by default: on a shared machine other users'
-load changes what a wall-clock second buys, CPU seconds give every run the same compute.
-docs/ablations.md explains the task sizes.
+Every run gets the same data, the same number of training tokens and the same active parameter
+count, and a cosine schedule that decays over that token budget, so no run is judged
+half-trained and a faster or slower machine trains the same steps. An optional time budget
+(CPU seconds of this process by default) can end a run earlier. docs/ablations.md explains the
+task sizes.
 
 Legend: L sequence length, K key-value pairs (MQAR), d d_model, N d_state, D d_inner.
 """
@@ -33,10 +33,11 @@ import torch
 from jambalab.config import JambaConfig
 from jambalab.errors import InputError
 from jambalab.model import JambaLM
-from jambalab.train.tasks import IGNORE, MQAR, TRAIN, VAL, Passkey, Task
+from jambalab.stats import param_counts_fast
+from jambalab.train.tasks import IGNORE, MQAR, TRAIN, VAL, FirstAnswer, Needle, Passkey, Task
 
 GRID = ("attention", "mamba", "hybrid-1:3", "hybrid-1:7", "hybrid-1:7-moe", "hybrid-1:7-rope")
-TASKS = ("mqar", "passkey", "lm")
+TASKS = ("mqar", "needle", "passkey", "lm")
 CLOCKS = ("cpu", "wall")
 RESULT_FILE = "result.json"
 
@@ -66,9 +67,19 @@ KNOBS: dict[str, dict] = {
 
 
 def grid_configs(base: dict | None = None) -> dict[str, JambaConfig]:
-    """name -> config, in GRID order."""
+    """name -> config, in GRID order. Each run's d_ff is set so that its active parameters equal pure
+    Mamba's (to within one d_ff step, < 0.5%): an attention layer has half a Mamba layer's weights, so
+    without this the pure Transformer would be a quarter smaller and the comparison would be of sizes."""
     base = dict(BASE if base is None else base)
-    return {name: JambaConfig(**{**base, **KNOBS[name], "name": name}) for name in GRID}
+    configs = {name: JambaConfig(**{**base, **KNOBS[name], "name": name}) for name in GRID}
+    target = param_counts_fast(configs["mamba"])[1]
+    return {name: cfg.replace(d_ff=matched_d_ff(cfg, target)) for name, cfg in configs.items()}
+
+
+def matched_d_ff(cfg: JambaConfig, target: int) -> int:
+    """The d_ff that brings cfg's active parameter count nearest to target (the count is linear in d_ff)."""
+    a1, a2 = param_counts_fast(cfg.replace(d_ff=1))[1], param_counts_fast(cfg.replace(d_ff=2))[1]
+    return max(1, round(1 + (target - a1) / (a2 - a1)))
 
 
 def parse_only(only: str | None) -> list[str]:
@@ -85,13 +96,24 @@ def parse_only(only: str | None) -> list[str]:
 # Tasks: training batches and held-out scoring points
 # ---------------------------------------------------------------------------------------
 # MQAR (Zoology): context length L -> K key-value pairs, K = L / 4 (the pairs fill half of the
-# context, every key is asked once in the other half). Training cycles through the lengths, one
-# length per step; each length is scored on held-out samples. docs/ablations.md says why.
+# context), and K / 2 of the keys asked, each once, in the other half. Asking every key would let a
+# model that never looks a key up score H_K / K (0.52, 0.34, 0.21 at K = 4, 8, 16) by answering with
+# a value of a pair not yet asked. Training cycles through the lengths, one length per step; each
+# length is scored on held-out samples. docs/ablations.md says why.
 MQAR_POINTS = {32: 4, 64: 8, 128: 16}
 MQAR_VOCAB = 35  # ids 3..34: 16 keys, 16 values
 PASSKEY_LENGTHS = (128, 256, 512)
-TOKENS_PER_STEP = 2048
+# Needle: trained on 16- and 32-token contexts (cycled), scored on a depth x length grid up to 8x the
+# training length, one key-value pair per 8 tokens (so the facts to hold grow with the haystack).
+NEEDLE = dict(n_filler=16, n_keys=32, n_values=16, pair_every=8)
+NEEDLE_TRAIN_LENGTHS = (16, 32)
+NEEDLE_LENGTHS = (16, 32, 64, 128, 256)
+NEEDLE_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+TOKENS_PER_STEP = {"mqar": 2048, "needle": 1024, "passkey": 2048, "lm": 2048}
+NEEDLE_GRID = "attention,mamba,hybrid-1:7"  # the needle task's default runs: the paper's Fig. 4 comparison
 LM_SEQ_LEN = 256
+# Training tokens per run by default: what the grid's budget is, the same on every machine.
+DEFAULT_TOKENS = {"mqar": 2_000_000, "needle": 2_400_000, "passkey": 2_000_000, "lm": 2_000_000}
 
 
 @dataclass
@@ -106,12 +128,17 @@ class Setup:
     params: dict = field(default_factory=dict)  # task sizes, recorded with each result
 
 
-def make_setup(task: str, seed: int = 0, data: str | None = None, tokens_per_step: int = TOKENS_PER_STEP,
+def make_setup(task: str, seed: int = 0, data: str | None = None, tokens_per_step: int | None = None,
                cache_dir: Path | None = None) -> Setup:
+    if task in TOKENS_PER_STEP:
+        tokens_per_step = tokens_per_step or TOKENS_PER_STEP[task]
     if task == "mqar":
-        points = {n: MQAR(n_pairs=k, vocab_size=MQAR_VOCAB) for n, k in MQAR_POINTS.items()}
-        params = {"pairs_by_length": {str(n): k for n, k in MQAR_POINTS.items()}, "key_value_ids": MQAR_VOCAB - 3}
+        points = {n: MQAR(n_pairs=k, n_queries=k // 2, vocab_size=MQAR_VOCAB) for n, k in MQAR_POINTS.items()}
+        params = {"pairs_by_length": {str(n): k for n, k in MQAR_POINTS.items()}, "queries": "half",
+                  "key_value_ids": MQAR_VOCAB - 3}
         return _recall_setup("mqar", points, seed, tokens_per_step, params)
+    if task == "needle":
+        return _needle_setup(seed, tokens_per_step)
     if task == "passkey":
         points = {n: Passkey(n_digits=5) for n in PASSKEY_LENGTHS}
         return _recall_setup("passkey", points, seed, tokens_per_step, {"lengths": list(PASSKEY_LENGTHS), "n_digits": 5})
@@ -140,6 +167,49 @@ def _recall_setup(name: str, points: dict[int, Task], seed: int, tokens_per_step
                 "val_loss": sum(loss.values()) / len(loss)}
 
     return Setup(name, lengths, tokens_per_step, batch, evaluate, params)
+
+
+def _needle_setup(seed: int, tokens_per_step: int) -> Setup:
+    """Train on the Needle task at NEEDLE_TRAIN_LENGTHS; score the needle (the first key asked) on the
+    depth x length grid, NEEDLE_LENGTHS reaching 8x the longest training length."""
+    task = Needle(**NEEDLE)
+    for n in NEEDLE_LENGTHS:
+        task.check(n, BASE["vocab_size"])
+    setup = _recall_setup("needle", {n: task for n in NEEDLE_TRAIN_LENGTHS}, seed, tokens_per_step,
+                          {**NEEDLE, "train_lengths": list(NEEDLE_TRAIN_LENGTHS), "lengths": list(NEEDLE_LENGTHS),
+                           "depths": list(NEEDLE_DEPTHS)})
+
+    def evaluate(model: JambaLM, n_samples: int) -> dict:
+        grid = needle_grid(model, NEEDLE_LENGTHS, NEEDLE_DEPTHS, n_samples, seed)  # (depths, lengths)
+        by_len = {str(n): float(grid[:, j].mean()) for j, n in enumerate(NEEDLE_LENGTHS)}
+        inside = [by_len[str(n)] for n in NEEDLE_LENGTHS if n <= max(NEEDLE_TRAIN_LENGTHS)]
+        _, loss = recall_scores(model, task, max(NEEDLE_TRAIN_LENGTHS), n_samples, seed)
+        return {"recall_by_length": by_len, "recall_accuracy": sum(inside) / len(inside), "val_loss": loss,
+                "needle_grid": {"lengths": list(NEEDLE_LENGTHS), "depths": list(NEEDLE_DEPTHS),
+                                "accuracy": grid.tolist()}}
+
+    setup.evaluate = evaluate
+    return setup
+
+
+def needle_grid(model: JambaLM, lengths: tuple[int, ...], depths: tuple[float, ...], n_samples: int,
+                seed: int) -> np.ndarray:
+    """Accuracy of the needle's answer, (len(depths), len(lengths)), n_samples held-out samples per cell."""
+    grid = np.zeros((len(depths), len(lengths)))
+    for i, d in enumerate(depths):
+        task = FirstAnswer(Needle(**NEEDLE, depth=d))
+        for j, n in enumerate(lengths):
+            grid[i, j] = recall_scores(model, task, n, n_samples, seed)[0]
+    return grid
+
+
+def no_lookup_accuracy(n_pairs: int, n_values: int, samples: int = 20000, seed: int = 0) -> float:
+    """What a model that never looks the key up scores on the needle: it answers with the commonest
+    value of the context's pairs (values drawn uniformly from n_values, repeats allowed), by simulation."""
+    values = np.random.default_rng(seed).integers(0, n_values, size=(samples, n_pairs))  # (S, P); [:, 0] the needle's
+    counts = (values[:, :, None] == np.arange(n_values)).sum(1)  # (S, V)
+    best = counts == counts.max(1, keepdims=True)  # (S, V): the commonest value(s), ties split evenly
+    return float((best[np.arange(samples), values[:, 0]] / best.sum(1)).mean())
 
 
 @torch.no_grad()
@@ -231,10 +301,11 @@ def _optimizer(model: JambaLM, hp: TrainHParams) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.95))
 
 
-def train_budgeted(model: JambaLM, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], budget_s: float,
+def train_budgeted(model: JambaLM, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], budget_s: float | None,
                    hp: TrainHParams, clock: str = "cpu", log: Callable[[dict], None] | None = None,
                    log_every: int = 20) -> dict:
-    """Train until budget_s seconds (CPU seconds of this process, or wall-clock) or hp.max_tokens tokens.
+    """Train until hp.max_tokens tokens, or budget_s seconds (CPU seconds of this process, or wall-clock)
+    if one is given and it ends first.
 
     The schedule's progress is whichever budget is further along, so the learning rate reaches its
     floor exactly when the run ends."""
@@ -245,7 +316,7 @@ def train_budgeted(model: JambaLM, batch: Callable[[int], tuple[torch.Tensor, to
     model.train()
     step, tokens, used, window = 0, 0, 0.0, []
     t0, wall0 = now(), time.perf_counter()
-    while (progress := max(used / budget_s, tokens / hp.max_tokens)) < 1.0:
+    while (progress := max(used / budget_s if budget_s else 0.0, tokens / hp.max_tokens)) < 1.0:
         lr = lr_at(hp, step, progress)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -269,15 +340,16 @@ def train_budgeted(model: JambaLM, batch: Callable[[int], tuple[torch.Tensor, to
 # ---------------------------------------------------------------------------------------
 # One run, the grid
 # ---------------------------------------------------------------------------------------
-def run_one(name: str, cfg: JambaConfig, setup: Setup, budget_s: float, hp: TrainHParams, run_dir: Path | None = None,
-            seed: int = 0, eval_samples: int = 256, clock: str = "cpu", log: Callable[[str], None] = print) -> dict:
+def run_one(name: str, cfg: JambaConfig, setup: Setup, hp: TrainHParams, budget_s: float | None = None,
+            run_dir: Path | None = None, seed: int = 0, eval_samples: int = 256, clock: str = "cpu",
+            log: Callable[[str], None] = print) -> dict:
     """Train and score one grid entry; with run_dir, keep the model, metrics.jsonl and result.json there."""
     model = JambaLM.from_config(cfg, seed=seed)
     metrics: list[dict] = []
 
     def on_log(m: dict) -> None:
         metrics.append(m)
-        log(f"  [{name}/{setup.task}] step {m['step']:5d}  {m['tokens'] / 1e6:6.2f}M tokens  "
+        log(f"  [{name}/{setup.task}/seed {seed}] step {m['step']:5d}  {m['tokens'] / 1e6:6.2f}M tokens  "
             f"{m['time_s']:6.1f} {clock}-s  lr {m['lr']:.2e}  loss {m['loss']:.4f}")
 
     stats = train_budgeted(model, setup.batch, budget_s, hp, clock, on_log)
@@ -286,13 +358,14 @@ def run_one(name: str, cfg: JambaConfig, setup: Setup, budget_s: float, hp: Trai
     result = {
         "name": name, "task": setup.task, "seed": seed,
         "recall_accuracy": scores.get("recall_accuracy"), "recall_by_length": scores.get("recall_by_length"),
+        "needle_grid": scores.get("needle_grid"),
         "val_loss": scores["val_loss"], "bits_per_byte": scores.get("bits_per_byte"),
         "params_total": model.num_parameters(), "params_active": model.num_active_parameters(),
         "tokens_per_s": stats["tokens_per_s"], "tokens": stats["tokens"], "steps": stats["steps"],
         "train_time_s": stats["train_time_s"], "wall_time_s": stats["wall_time_s"], "clock": clock,
-        "eval_time_s": time.perf_counter() - t, "budget_s": budget_s, "threads": torch.get_num_threads(),
-        "layer_pattern": cfg.layer_pattern(), "hparams": asdict(hp), "task_params": setup.params,
-        "config": cfg.to_dict(), "machine": machine_info(),
+        "eval_time_s": time.perf_counter() - t, "budget_s": budget_s, "eval_samples": eval_samples,
+        "threads": torch.get_num_threads(), "layer_pattern": cfg.layer_pattern(), "hparams": asdict(hp),
+        "task_params": setup.params, "config": cfg.to_dict(), "machine": machine_info(),
         "train_curve": [[m["tokens"], round(m["loss"], 5)] for m in metrics],
     }
     if run_dir is not None:
@@ -328,8 +401,8 @@ def _save_run(run_dir: Path, model: JambaLM, result: dict, metrics: list[dict]) 
     os.replace(tmp, run_dir / RESULT_FILE)  # written last: its presence marks a finished run
 
 
-def run_key(name: str, task: str) -> str:
-    return f"{task}-{name.replace(':', '_')}"
+def run_key(name: str, task: str, seed: int = 0) -> str:
+    return f"{task}-{name.replace(':', '_')}-seed{seed}"
 
 
 def load_finished(run_dir: Path, settings: dict) -> dict | None:
@@ -341,56 +414,92 @@ def load_finished(run_dir: Path, settings: dict) -> dict | None:
     return r if all(r.get(k) == v for k, v in settings.items()) else None
 
 
-def run_grid(names: list[str], task: str, budget_s: float, out: Path | None = None, seed: int = 0,
-             hp: TrainHParams | None = None, data: str | None = None, tokens_per_step: int = TOKENS_PER_STEP,
+def run_grid(names: list[str], task: str, hp: TrainHParams, seeds: list[int], out: Path | None = None,
+             budget_s: float | None = None, data: str | None = None, tokens_per_step: int | None = None,
              eval_samples: int = 256, clock: str = "cpu", base: dict | None = None,
              log: Callable[[str], None] = print) -> list[dict]:
-    """Train and score each named run on one task. With out, each run is kept in out/<task>-<name>/,
-    and a run that finished earlier with the same settings is read back instead of trained again."""
-    hp = hp or TrainHParams()
+    """Train and score each named run on one task, once per seed (seed: model init and data). With out,
+    each run is kept in out/<task>-<name>-seed<k>/, and a run that finished earlier with the same
+    settings is read back instead of trained again."""
     configs = grid_configs(base)
-    setup = None  # built on first use: a grid whose runs all finished needs no data
     results = []
-    for name in names:
-        run_dir = None if out is None else out / run_key(name, task)
-        if run_dir is not None and setup is None:
-            setup = make_setup(task, seed, data, tokens_per_step, out / "cache")
-        settings = {"budget_s": budget_s, "clock": clock, "hparams": asdict(hp), "seed": seed,
-                    "config": configs[name].to_dict(), "task_params": None if setup is None else setup.params}
-        done = None if run_dir is None else load_finished(run_dir, settings)
-        if done is not None:
-            log(f"{name}/{task}: finished earlier, kept ({run_dir / RESULT_FILE})")
-            results.append(done)
-            continue
-        setup = setup or make_setup(task, seed, data, tokens_per_step)
-        log(f"{name}/{task}: {configs[name].layer_pattern()}; budget {budget_s:g} {clock}-seconds "
-            f"or {hp.max_tokens / 1e6:g}M tokens, {setup.tokens_per_step} tokens per step")
-        results.append(run_one(name, configs[name], setup, budget_s, hp, run_dir, seed, eval_samples, clock, log))
+    for seed in seeds:
+        setup = None  # built on first use: a grid whose runs all finished needs no data
+        for name in names:
+            run_dir = None if out is None else out / run_key(name, task, seed)
+            if run_dir is not None and setup is None:
+                setup = make_setup(task, seed, data, tokens_per_step, out / "cache")
+            settings = {"budget_s": budget_s, "clock": clock, "hparams": asdict(hp), "seed": seed,
+                        "eval_samples": eval_samples, "config": configs[name].to_dict(),
+                        "task_params": None if setup is None else setup.params}
+            done = None if run_dir is None else load_finished(run_dir, settings)
+            if done is not None:
+                log(f"{name}/{task}/seed {seed}: finished earlier, kept ({run_dir / RESULT_FILE})")
+                results.append(done)
+                continue
+            setup = setup or make_setup(task, seed, data, tokens_per_step)
+            time_cap = "" if budget_s is None else f" or {budget_s:g} {clock}-seconds"
+            log(f"{name}/{task}/seed {seed}: {configs[name].layer_pattern()}; budget {hp.max_tokens / 1e6:g}M "
+                f"tokens{time_cap}, {setup.tokens_per_step} tokens per step")
+            results.append(run_one(name, configs[name], setup, hp, budget_s, run_dir, seed, eval_samples, clock, log))
     return results
 
 
 # ---------------------------------------------------------------------------------------
 # The table and the plots
 # ---------------------------------------------------------------------------------------
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per (task, run name): each score's mean, spread (sample standard deviation, 0 for one
+    seed), min and max over the seeds, and the needle grid averaged over them."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["task"], r["name"]), []).append(r)
+    rows = []
+    for (task, name), rs in groups.items():
+        row = {"name": name, "task": task, "seeds": [r["seed"] for r in rs], "params_total": rs[0]["params_total"],
+               "params_active": rs[0]["params_active"], "tokens": rs[0]["tokens"],
+               "task_params": rs[0]["task_params"],
+               "steps": round(float(np.mean([r["steps"] for r in rs]))),
+               "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in rs]))}
+        for key in ("recall_accuracy", "val_loss", "bits_per_byte"):
+            row[key] = _spread([r.get(key) for r in rs])
+        lengths = rs[0].get("recall_by_length") or {}
+        row["recall_by_length"] = {n: _spread([r["recall_by_length"][n] for r in rs]) for n in lengths}
+        if rs[0].get("needle_grid"):
+            g = rs[0]["needle_grid"]
+            row["needle_grid"] = {**g, "accuracy": np.mean([r["needle_grid"]["accuracy"] for r in rs], 0).tolist()}
+        rows.append(row)
+    return rows
+
+
+def _spread(xs: list[float | None]) -> dict | None:
+    if any(x is None for x in xs):
+        return None
+    a = np.asarray(xs, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+            "min": float(a.min()), "max": float(a.max()), "n": len(a)}
+
+
 def format_table(results: list[dict]) -> str:
-    """The paper-style table: one row per run."""
+    """The paper-style table: one row per run name, each score as mean ± spread over the seeds."""
     if not results:
         return "(no runs)"
-    lengths = sorted({int(k) for r in results for k in (r.get("recall_by_length") or {})})
-    head = ["run", "task", "params", "active"] + [f"acc@{n}" for n in lengths]
+    rows_in = summarize(results)
+    lengths = sorted({int(k) for r in rows_in for k in r["recall_by_length"]})
+    head = ["run", "task", "seeds", "active"] + [f"acc@{n}" for n in lengths]
     head += ["recall"] if lengths else []
     head += ["val_loss"]
-    head += ["bpb"] if any(r.get("bits_per_byte") is not None for r in results) else []
-    head += ["tok/s", "tokens", "steps"]
+    head += ["bpb"] if any(r["bits_per_byte"] is not None for r in rows_in) else []
+    head += ["tokens", "tok/s"]
     rows = []
-    for r in results:
-        by = r.get("recall_by_length") or {}
-        row = [r["name"], r["task"], _count(r["params_total"]), _count(r["params_active"])]
-        row += [f"{by[str(n)]:.3f}" if str(n) in by else "-" for n in lengths]
-        row += [_num(r.get("recall_accuracy"), 3)] if lengths else []
-        row += [_num(r["val_loss"], 4)]
-        row += [_num(r.get("bits_per_byte"), 3)] if "bpb" in head else []
-        row += [f"{r['tokens_per_s']:.0f}", _count(r["tokens"]), str(r["steps"])]
+    for r in rows_in:
+        by = r["recall_by_length"]
+        row = [r["name"], r["task"], str(len(r["seeds"])), _count(r["params_active"])]
+        row += [_pm(by.get(str(n)), 2) for n in lengths]
+        row += [_pm(r["recall_accuracy"], 3)] if lengths else []
+        row += [_pm(r["val_loss"], 3)]
+        row += [_pm(r["bits_per_byte"], 3)] if "bpb" in head else []
+        row += [_count(r["tokens"]), f"{r['tokens_per_s']:.0f}"]
         rows.append(row)
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
 
@@ -400,70 +509,12 @@ def format_table(results: list[dict]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def _num(x: float | None, digits: int) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
+def _pm(s: dict | None, digits: int) -> str:
+    """mean ± spread, or the mean alone for one seed."""
+    if s is None:
+        return "-"
+    return f"{s['mean']:.{digits}f}" + (f"±{s['std']:.{digits}f}" if s["n"] > 1 else "")
 
 
 def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
-
-
-def plot_results(results: list[dict], out: Path) -> list[Path]:
-    """One PNG per task: training loss curves, recall accuracy by context length, val loss and throughput."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for task in dict.fromkeys(r["task"] for r in results):
-        rs = [r for r in results if r["task"] == task]
-        recall = any(r.get("recall_by_length") for r in rs)
-        fig, axes = plt.subplots(1, 3 if recall else 2, figsize=(15 if recall else 10, 4))
-        _plot_curves(axes[0], rs, task)
-        if recall:
-            _plot_recall(axes[1], rs, task)
-        _plot_summary(axes[-1], rs, task)
-        fig.tight_layout()
-        path = out / f"ablate-{task}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def _plot_curves(ax, rs: list[dict], task: str) -> None:
-    for r in rs:
-        curve = r.get("train_curve") or []
-        ax.plot([c[0] / 1e6 for c in curve], [c[1] for c in curve], label=r["name"])
-    ax.set_xlabel("training tokens (M)")
-    ax.set_ylabel("training loss (nats per byte)" if task == "lm" else "training loss on the answers")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.set_title(f"{task}: training loss")
-
-
-def _plot_recall(ax, rs: list[dict], task: str) -> None:
-    for r in rs:
-        by = r.get("recall_by_length") or {}
-        xs = sorted(int(k) for k in by)
-        ax.plot(xs, [by[str(x)] for x in xs], marker="o", label=r["name"])
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("recall accuracy (held out)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7)
-    ax.set_title(f"{task}: accuracy by context length")
-
-
-def _plot_summary(ax, rs: list[dict], task: str) -> None:
-    names = [r["name"] for r in rs]
-    key = "bits_per_byte" if all(r.get("bits_per_byte") is not None for r in rs) else "val_loss"
-    ax.bar(names, [r[key] for r in rs], color="tab:blue")
-    ax.set_ylabel(key.replace("_", " "))
-    ax.tick_params(axis="x", rotation=30, labelsize=7)
-    twin = ax.twinx()
-    twin.plot(names, [r["tokens_per_s"] for r in rs], "o", color="tab:orange")
-    twin.set_ylabel("training tokens/s", color="tab:orange")
-    ax.set_title(f"{task}: {key.replace('_', ' ')} (bars), throughput (dots)")

@@ -51,6 +51,19 @@ def load_for_eval(path: str | Path | None = None, preset: str | None = None, see
     return model.eval(), load_tokenizer(model_dir, model.config), str(model_dir)
 
 
+def run_name(path: str | Path | None, preset: str | None = None) -> str:
+    """A short name for figure titles: the preset, or the run or checkpoint directory's own name
+    (<run>/model -> <run>, <run>/checkpoints/step-N/model -> "<run> step-N"); never a whole path."""
+    if preset is not None:
+        return f"{preset} (random init)"
+    p = Path(path).resolve()
+    if p.name == "model":
+        p = p.parent
+    if p.parent.name == "checkpoints":
+        return f"{p.parent.parent.name} {p.name}"
+    return p.name
+
+
 # ---------------------------------------------------------------------------------------
 # Perplexity and bits per byte
 # ---------------------------------------------------------------------------------------
@@ -237,6 +250,15 @@ def plot_heatmap(grid: np.ndarray, lengths: Sequence[int], depths: Sequence[floa
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.6 * len(depths)))
+    im = draw_heatmap(ax, grid, lengths, depths, title)
+    fig.colorbar(im, ax=ax, label="retrieval accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def draw_heatmap(ax, grid: np.ndarray, lengths: Sequence[int], depths: Sequence[float], title: str):
+    """Accuracy (depths x lengths) on a matplotlib axis, the value in each cell; returns the image."""
     im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
@@ -246,10 +268,7 @@ def plot_heatmap(grid: np.ndarray, lengths: Sequence[int], depths: Sequence[floa
         for j in range(grid.shape[1]):
             ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="retrieval accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return im
 
 
 # ---------------------------------------------------------------------------------------

@@ -184,6 +184,14 @@ def test_eval_cli_loads_ablate_and_train_run_layouts(tmp_path, capsys):
     assert losses[0] == pytest.approx(losses[1])
 
 
+def test_figure_titles_name_the_run_not_its_path(tmp_path):
+    assert ev.run_name(tmp_path / "runs" / "needle-hybrid-1_7-seed0") == "needle-hybrid-1_7-seed0"
+    assert ev.run_name(tmp_path / "runs" / "needle-mamba-seed2" / "model") == "needle-mamba-seed2"
+    assert ev.run_name(tmp_path / "my-run" / "checkpoints" / "step-00000020" / "model") == "my-run step-00000020"
+    assert ev.run_name(None, "tiny-hybrid") == "tiny-hybrid (random init)"
+    assert str(tmp_path) not in ev.run_name(tmp_path / "x" / "model")
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--preset", "tiny-mamba", "--attention-map"], "no attention layers"),
     (["--preset", "tiny-hybrid", "--needle", "--depths", "0,2"], "--depths"),

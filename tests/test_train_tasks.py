@@ -5,9 +5,10 @@ import torch
 
 import jambalab
 from jambalab.errors import InputError
-from jambalab.train.tasks import IGNORE, SEP, TRAIN, VAL, MQAR, answer_accuracy, evaluate, make_task
+from jambalab.train.tasks import (FIRST_ID, IGNORE, SEP, TRAIN, VAL, MQAR, FirstAnswer, Needle, answer_accuracy,
+                                  evaluate, make_task)
 
-NAMES = ["mqar", "passkey", "copy"]
+NAMES = ["mqar", "passkey", "copy", "needle"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -93,3 +94,66 @@ def test_evaluate_gives_an_accuracy_in_unit_interval():
     model = jambalab.from_preset("tiny-hybrid", vocab_size=256)
     acc = evaluate(model, make_task("mqar", n_pairs=4), seq_len=32, n_samples=6, batch_size=4)
     assert 0.0 <= acc <= 1.0 and model.training
+
+
+# ---- the key-value needle ---------------------------------------------------------------------
+def _haystack_pairs(task, row):
+    """{key: (position, value)} of the key-value pairs before SEP."""
+    hay = task.haystack_len(len(row))
+    first_key = FIRST_ID + task.n_filler
+    return {t: (i, row[i + 1]) for i, t in enumerate(row[:hay]) if first_key <= t < first_key + task.n_keys}
+
+
+@pytest.mark.parametrize("seq_len", [32, 64, 200, 512])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+def test_needle_sits_at_the_stated_depth_and_is_asked_first(seq_len, depth):
+    task = Needle(n_keys=32, depth=depth)
+    ids, labels = task.batch(seq_len, batch_size=6, seed=2)
+    at = task.needle_at(seq_len, depth)
+    hay = task.haystack_len(seq_len)
+    assert at == round(depth * (hay - 2))
+    for row, lab in zip(ids.tolist(), labels.tolist()):
+        pairs = _haystack_pairs(task, row)
+        assert len(pairs) == seq_len // task.pair_every  # distinct keys, one pair per pair_every tokens
+        assert row[hay] == SEP and row.count(SEP) == 1
+        needle_key = row[hay + 1]  # the first key asked
+        assert pairs[needle_key] == (at, row[at + 1])  # ... is the pair at the stated depth
+        answers = [t for t, x in enumerate(lab) if x != IGNORE]
+        assert answers == [hay + 2 + 2 * q for q in range(task.queries(seq_len))]
+        asked = [row[t - 1] for t in answers]
+        assert len(set(asked)) == len(asked) == max(1, len(pairs) // 2)  # half the pairs, each once
+        for t in answers:  # every answer is the value bound to the key just asked
+            assert lab[t] == row[t] == pairs[row[t - 1]][1]
+
+
+def test_needle_is_deterministic_by_seed_and_varies_with_depth():
+    a = Needle(depth=0.25).batch(128, 4, seed=7)
+    assert all(torch.equal(x, y) for x, y in zip(a, Needle(depth=0.25).batch(128, 4, seed=7)))
+    assert not torch.equal(a[0], Needle(depth=0.25).batch(128, 4, seed=8)[0])
+    uniform = Needle().batch(128, 64, seed=0)[0]
+    hay = Needle().haystack_len(128)
+    starts = {row.tolist().index(int(row[hay + 1])) for row in uniform}
+    assert len(starts) > 20  # depth None: the needle moves through the haystack
+
+
+def test_first_answer_keeps_only_the_needles_answer():
+    task = Needle(depth=0.5)
+    ids, labels = task.batch(96, 3, seed=1)
+    ids1, only = FirstAnswer(task).batch(96, 3, seed=1)
+    assert torch.equal(ids, ids1)
+    hay = task.haystack_len(96)
+    assert ((only != IGNORE).sum(1) == 1).all()
+    assert torch.equal(only[:, hay + 2], labels[:, hay + 2])
+
+
+@pytest.mark.parametrize("kw,seq_len,msg", [
+    ({"n_keys": 8}, 256, "more than the 8 distinct keys"),
+    ({"depth": -0.1}, 64, "depth"),
+    ({"n_queries": 0}, 64, "n_queries must be positive"),
+    ({"n_queries": 5}, 64, "exceeds the 4 pairs"),
+    ({"pair_every": 2}, 64, "too short"),
+    ({"n_keys": 300}, 64, "vocabulary has 256"),
+])
+def test_needle_impossible_settings_are_clear_errors(kw, seq_len, msg):
+    with pytest.raises(InputError, match=msg):
+        Needle(**kw).check(seq_len, 256)

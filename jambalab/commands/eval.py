@@ -62,9 +62,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.ppl or not (args.needle or args.attention_map):
         result["perplexity"] = _perplexity(args, model, tok, log)
     if args.needle:
-        result["needle"] = _needle(args, model, tok, out_dir, source, log)
+        result["needle"] = _needle(args, model, tok, out_dir, ev.run_name(args.model, args.preset), log)
     if args.attention_map:
-        result["attention_map"] = _attention(args, model, tok, out_dir, source, log)
+        result["attention_map"] = _attention(args, model, tok, out_dir, ev.run_name(args.model, args.preset), log)
     if args.json:
         print(json.dumps(result))
     return 0
@@ -96,7 +96,7 @@ def _floats(s: str, name: str) -> list[float]:
     return vals
 
 
-def _needle(args, model, tok, out_dir: Path, source: str, log) -> dict:
+def _needle(args, model, tok, out_dir: Path, name: str, log) -> dict:
     from jambalab import evaluate as ev
 
     lengths = [int(x) for x in _floats(args.lengths, "lengths")]
@@ -119,17 +119,17 @@ def _needle(args, model, tok, out_dir: Path, source: str, log) -> dict:
     grid = ev.needle_grid(model, tok, lengths, depths, args.trials, args.seed, haystack, log)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / "needle-heatmap.png"
-    ev.plot_heatmap(grid, lengths, depths, png, f"passkey retrieval ({args.haystack} haystack)\n{source}")
+    ev.plot_heatmap(grid, lengths, depths, png, f"passkey retrieval ({Path(args.haystack).name} haystack)\n{name}")
     log(f"mean accuracy {grid.mean():.3f}; wrote {png}")
     return {"lengths": lengths, "depths": depths, "accuracy": grid.tolist(), "mean_accuracy": float(grid.mean()),
             "haystack": args.haystack, "trials": args.trials, "png": str(png)}
 
 
-def _attention(args, model, tok, out_dir: Path, source: str, log) -> dict:
+def _attention(args, model, tok, out_dir: Path, name: str, log) -> dict:
     from jambalab import evaluate as ev
 
     if model.config.n_attention_layers == 0:
-        raise InputError(f"{source} has no attention layers (pattern {model.config.layer_pattern()}): no attention map")
+        raise InputError(f"{name} has no attention layers (pattern {model.config.layer_pattern()}): no attention map")
     if args.prompt:
         ids = ev.text_ids(tok, args.prompt)[None]
         if ids.shape[1] < 2:
@@ -145,7 +145,7 @@ def _attention(args, model, tok, out_dir: Path, source: str, log) -> dict:
     labels = [tok.decode([int(t)]) for t in ids[0]]
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / "attention-map.png"
-    ev.plot_attention(maps, png, labels, f"attention weights, {source}", scores)
+    ev.plot_attention(maps, png, labels, f"attention weights, {name}", scores)
     log(f"wrote {png} ({len(maps)} attention layer(s), {ids.shape[1]} tokens)")
     if scores:
         for layer, s in scores.items():

@@ -31,7 +31,7 @@ def register(sub) -> None:
     src.add_argument("--model", help="fine-tune a HF-format checkpoint directory (its tokenizer.json if it has one)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--data", help="a text file, a directory of them, or a JSONL file (default: the stdlib corpus)")
-    data.add_argument("--task", choices=["mqar", "passkey", "copy"], help="a synthetic recall task instead of text")
+    data.add_argument("--task", choices=["mqar", "passkey", "copy", "needle"], help="a synthetic recall task instead of text")
     p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="a task parameter, e.g. n_pairs=16 (repeatable)")
     p.add_argument("--text-field", default="text", help="the text field of JSONL records (default text)")

@@ -1,4 +1,4 @@
-"""Synthetic recall tasks, generated from a seed: MQAR, passkey retrieval, selective copying.
+"""Synthetic recall tasks, generated from a seed: MQAR, key-value needle, passkey retrieval, selective copying.
 
 Legend: B batch, L seq_len, V vocab.
 
@@ -215,7 +215,105 @@ class SelectiveCopy(Task):
         return ids, labels
 
 
-TASKS = {"mqar": MQAR, "passkey": Passkey, "copy": SelectiveCopy}
+# ---------------------------------------------------------------------------------------
+# Key-value needle in a haystack (token-level; RULER's multi-key NIAH, arXiv 2404.06654)
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Needle(Task):
+    """Key-value pairs (single tokens) scattered in filler, one pair every `pair_every` tokens; then
+    SEP and n_queries distinct keys, each followed by its value. The first key asked is the needle,
+    which sits at `depth` of the haystack; the other pairs are distractors, so the facts to hold
+    grow with the context, as in a long document. Loss on every answer; `FirstAnswer(Needle(...))`
+    keeps the needle's answer only (what the heatmap scores).
+
+    n_queries None asks half of the pairs: asking all of them would let a model answer the last
+    queries by elimination (a value of the context not yet given) without looking anything up.
+
+    Ids: SEP = 1, filler FIRST_ID.., then n_keys keys, then n_values values."""
+
+    n_filler: int = 16
+    n_keys: int = 64
+    n_values: int = 16
+    pair_every: int = 16  # haystack tokens per key-value pair
+    n_queries: int | None = None  # None: half of the pairs (at least one)
+    depth: float | None = None  # the needle's start as a fraction of the haystack; None: uniform
+    name = "needle"
+
+    @property
+    def vocab_needed(self) -> int:
+        return FIRST_ID + self.n_filler + self.n_keys + self.n_values
+
+    def n_pairs(self, seq_len: int) -> int:
+        return max(1, seq_len // self.pair_every)
+
+    def queries(self, seq_len: int) -> int:
+        return self.n_queries or max(1, self.n_pairs(seq_len) // 2)
+
+    def haystack_len(self, seq_len: int) -> int:
+        return seq_len - 1 - 2 * self.queries(seq_len)
+
+    def needle_at(self, seq_len: int, depth: float) -> int:
+        """The needle key's position: depth 0 the haystack's first token, 1 its last pair slot."""
+        return round(depth * (self.haystack_len(seq_len) - 2))
+
+    def check(self, seq_len: int, vocab_size: int) -> None:
+        _check_vocab(self, self.vocab_needed, vocab_size)
+        for f in ("n_filler", "n_keys", "n_values", "pair_every", "n_queries"):
+            if getattr(self, f) is not None and getattr(self, f) < 1:
+                raise InputError(f"needle: {f} must be positive, got {getattr(self, f)}")
+        if self.depth is not None and not 0 <= self.depth <= 1:
+            raise InputError(f"needle: depth must lie in [0, 1], got {self.depth}")
+        p = self.n_pairs(seq_len)
+        if p > self.n_keys:
+            raise InputError(f"needle: seq_len={seq_len} holds {p} pairs (one per {self.pair_every} tokens), "
+                             f"more than the {self.n_keys} distinct keys")
+        if self.queries(seq_len) > p:
+            raise InputError(f"needle: n_queries={self.n_queries} exceeds the {p} pairs of seq_len={seq_len}")
+        if self.haystack_len(seq_len) < 4 * p:
+            raise InputError(f"needle: seq_len={seq_len} is too short for {p} pairs and their queries")
+
+    def sample(self, rng: np.random.Generator, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        p, nq, hay = self.n_pairs(seq_len), self.queries(seq_len), self.haystack_len(seq_len)
+        first_key = FIRST_ID + self.n_filler
+        keys = first_key + rng.choice(self.n_keys, size=p, replace=False)  # (P,) distinct; keys[0] the needle
+        values = first_key + self.n_keys + rng.integers(0, self.n_values, size=p)
+        ids = FIRST_ID + rng.integers(0, self.n_filler, size=seq_len)  # filler
+        labels = np.full(seq_len, IGNORE, dtype=np.int64)
+        at = self.needle_at(seq_len, rng.random() if self.depth is None else self.depth)
+        # Distractors on the needle's parity, so no two pairs overlap.
+        slots = np.array([s for s in range(at % 2, hay - 1, 2) if s != at])
+        starts = np.concatenate([[at], rng.choice(slots, size=p - 1, replace=False)]).astype(np.int64)
+        ids[starts], ids[starts + 1] = keys, values
+        asked = np.concatenate([[0], 1 + rng.choice(p - 1, size=nq - 1, replace=False)]).astype(np.int64)
+        q = hay + 1 + 2 * np.arange(nq)  # (nq,) query key positions after SEP
+        ids[hay] = SEP
+        ids[q], ids[q + 1] = keys[asked], values[asked]
+        labels[q + 1] = values[asked]
+        return ids.astype(np.int64), labels
+
+
+@dataclass
+class FirstAnswer(Task):
+    """Another task's samples scored on their first answer only: for Needle, the needle's."""
+
+    inner: Task
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def check(self, seq_len: int, vocab_size: int) -> None:
+        self.inner.check(seq_len, vocab_size)
+
+    def sample(self, rng: np.random.Generator, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, labels = self.inner.sample(rng, seq_len)
+        first = int(np.argmax(labels != IGNORE))
+        only = np.full_like(labels, IGNORE)
+        only[first] = labels[first]
+        return ids, only
+
+
+TASKS = {"mqar": MQAR, "passkey": Passkey, "copy": SelectiveCopy, "needle": Needle}
 
 
 def make_task(name: str, **kwargs) -> Task:
