@@ -482,12 +482,18 @@ def test_linear_uses_f_linear_for_grads_and_large_inputs(monkeypatch):
     w = torch.randn(8, 16, requires_grad=True)
     fused.linear(torch.randn(1, 16), w).sum().backward()  # autograd: F.linear
     assert calls == [] and w.grad is not None
-    fused.linear(torch.randn(5, 16), w.detach())  # 5 rows: F.linear (GEMM territory)
+    fused.linear(torch.randn(17, 16), w.detach())  # 17 rows: F.linear (GEMM territory)
     fused.linear(torch.randn(1, 16).bfloat16(), w.detach().bfloat16())  # not float32
     fused.linear(torch.randn(1, 16), w.detach().t().contiguous().t())  # a non-contiguous weight
     assert calls == []
     fused.linear(torch.randn(2, 16), w.detach())
     assert calls == ["gemv"]
+    x = torch.randn(2, 5, 16)  # 10 rows: the GEMV on blocks of 4, 4 and 2 rows, each row as if alone
+    y = fused.linear(x, w.detach())
+    assert calls == ["gemv"] * 4 and y.shape == (2, 5, 8)
+    rows = torch.cat([fused.linear(r[None], w.detach()) for r in x.reshape(10, 16)]).view(2, 5, 8)
+    assert torch.equal(y, rows)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w.detach()), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape,with_weight", [((1, 1, 256), True), ((3, 17), False), ((2048, 256), True),

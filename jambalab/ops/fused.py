@@ -344,11 +344,16 @@ def dt_softplus(dt: Tensor, bias: Tensor) -> Tensor:
 # ---------------------------------------------------------------- linear (GEMV for decoding)
 
 _GEMV_MAX_ROWS = 4  # kMaxRows in gemv.cpp
+# A batched decode step of the serving engine has up to max_batch rows: torch's mm ran 5-16-row
+# products of bench-hybrid's weights ~2.6x slower than the GEMV on 4 rows (aten::mm was 77% of a
+# 5-row step), so up to this many rows the GEMV runs per block of 4 (each row's sum is computed the
+# same way whatever else is in the batch).
+_GEMV_BLOCKED_ROWS = 16
 
 
 def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None) -> Tensor:
-    """F.linear; for decode-sized inputs (<= 4 rows, float32, CPU, no autograd) the multithreaded
-    GEMV kernel of gemv.cpp, which reads the weight at the memory bandwidth of all cores. A bf16 or
+    """F.linear; for decode-sized inputs (<= 16 rows, in blocks of 4; float32, CPU, no autograd) the
+    multithreaded GEMV kernel of gemv.cpp, which reads the weight at the memory bandwidth of all cores. A bf16 or
     fp16 weight goes to lowp.dense_linear (its own GEMV, and fp32 tiles where the CPU has no bf16 GEMM),
     an int8 / 4-bit QuantWeight to lowp.qlinear."""
     if isinstance(weight, QuantWeight):
@@ -356,13 +361,15 @@ def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None) 
     if weight.dtype in (torch.bfloat16, torch.float16) and weight.dim() == 2:
         return lowp.dense_linear(x, weight, bias)
     if (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() >= 1 and weight.dim() == 2
-            and x.shape[-1] == weight.shape[1] > 0 and 0 < x.numel() <= _GEMV_MAX_ROWS * x.shape[-1]
+            and x.shape[-1] == weight.shape[1] > 0 and 0 < x.numel() <= _GEMV_BLOCKED_ROWS * x.shape[-1]
             and x.is_cpu and weight.is_cpu and weight.is_contiguous()
             and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
             and not _needs_grad(x, weight, bias)):
         ops = cpu.kernels()
         if ops is not None:
-            y = ops.gemv(_f32(x.reshape(-1, x.shape[-1])), weight, bias)  # (R, N)
+            x2 = _f32(x.reshape(-1, x.shape[-1]))  # (R, K)
+            blocks = [ops.gemv(xb, weight, bias) for xb in x2.split(_GEMV_MAX_ROWS)]  # each (<= 4, N)
+            y = blocks[0] if len(blocks) == 1 else torch.cat(blocks)  # (R, N)
             return y.view(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
 
