@@ -9,8 +9,8 @@ import torch
 import jambalab
 from jambalab.errors import ConfigError, InputError
 from jambalab.serve.engine import Engine, EngineConfig, EngineFullError, SamplingParams, TokenEvent
+from serve_util import TIMEOUT, stopped_after
 
-TIMEOUT = 60  # seconds: every blocking wait in these tests is bounded
 CHUNK = 16
 
 
@@ -24,18 +24,8 @@ def models():
 @pytest.fixture
 def engines():
     """Engines made through this fixture are always stopped, even when a test fails."""
-    made = []
-
-    def make(model, **cfg):
-        cfg.setdefault("chunk_size", CHUNK)
-        cfg.setdefault("max_seq_len", 256)
-        cfg.setdefault("prefix_cache_bytes", 0)
-        made.append(Engine(model, EngineConfig(**cfg)))
-        return made[-1]
-
-    yield make
-    for e in made:
-        e.stop(drain=False, timeout=TIMEOUT)
+    with stopped_after(chunk_size=CHUNK, max_seq_len=256, prefix_cache_bytes=0) as make:
+        yield make
 
 
 def _prompts(lengths, seed=1, vocab=512):

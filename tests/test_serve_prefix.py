@@ -7,10 +7,10 @@ import torch
 
 import jambalab
 from jambalab.generate import prefill
-from jambalab.serve.engine import Engine, EngineConfig, SamplingParams
+from jambalab.serve.engine import SamplingParams
 from jambalab.serve.prefix_cache import PrefixCache
+from serve_util import stopped_after
 
-TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +20,8 @@ def models():
 
 @pytest.fixture
 def engines():
-    made = []
-
-    def make(model, **cfg):
-        cfg.setdefault("chunk_size", 16)
-        cfg.setdefault("max_seq_len", 512)
-        made.append(Engine(model, EngineConfig(**cfg)))
-        return made[-1]
-
-    yield make
-    for e in made:
-        e.stop(drain=False, timeout=TIMEOUT)
+    with stopped_after(chunk_size=16, max_seq_len=512) as make:
+        yield make
 
 
 def _ids(n, seed):
