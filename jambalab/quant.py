@@ -6,8 +6,13 @@ Legend: O output features, I input features, E experts, F d_ff, d d_model, V voc
 Formats (jambalab/ops/quant_ref.py): symmetric round-to-nearest per group of G input features,
 fp16 scales. "int8": q in [-127, 127], per output channel by default (G = I); "int4": two weights a
 byte, groups of 32 by default (llama.cpp's Q4_0 arithmetic). The matmuls read these directly
-(jambalab/ops/lowp.py): decode GEMVs convert in registers, prefill dequantizes a tile of rows at a
+(jambalab/ops/lowp.py): decode GEMVs read them in place, prefill dequantizes a tile of rows at a
 time into the GEMM dtype.
+
+Activations: by default every product with a quantized weight first rounds x to int8 in blocks of
+32 (llama.cpp's Q8_0 activations), so that decode multiplies integers (vpdpbusd); prefill rounds x
+the same way, so both compute the same function. set_activations("float") keeps x as it is: the
+exact product with the dequantized weight (and a slower decode). CLI: --activations int8|float.
 
 What is quantized: every nn.Linear in attention (q/k/v/o), the dense MLPs, the Mamba in_proj and
 out_proj, the stacked MoE experts (per expert; Jamba-1.5's ExpertsInt8), and the lm_head when it
@@ -36,7 +41,7 @@ from jambalab import ops
 from jambalab.config import JambaConfig
 from jambalab.errors import CheckpointError, InputError
 from jambalab.model import JambaLM, MambaMixer, MoE
-from jambalab.ops.quant_ref import SCHEMES, QuantWeight, check_group_size, quantize_weight
+from jambalab.ops.quant_ref import SCHEMES, QuantWeight, activations, check_group_size, quantize_weight, set_activations
 
 _KEEP_IN_MAMBA = ("x_proj", "dt_proj")
 DEFAULT_GROUP = {"int8": None, "int4": 32}  # None: per output channel

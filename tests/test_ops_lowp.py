@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from jambalab.ops import cpu, lowp
-from jambalab.ops.quant_ref import QuantWeight, dequant_ref, qlinear_ref, quantize_weight, wgemv_ref
+from jambalab.errors import InputError
+from jambalab.ops.quant_ref import (QuantWeight, dequant_ref, dequantize, fake_quant_act, qlinear_ref, quantize_act_ref,
+                                    quantize_weight, set_activations, wgemv_a8_ref, wgemv_ref)
 
 pytestmark = pytest.mark.skipif(cpu.kernels() is None, reason=f"kernels did not build: {cpu.build_error()}")
 
@@ -38,6 +40,73 @@ def test_wgemv_matches_its_twin(fmt, N, K, group, rows, x_dtype):
     assert got.dtype == x_dtype and got.shape == (rows, N)
     tol = 2e-5 if x_dtype == torch.float32 else 1e-2  # bf16 output: one rounding of a sum in another order
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+A8_CASES = [  # (bits, N, K, group): per channel, groups of 32 / 64 / 96 (inside and across 64-weight chunks), a half chunk
+    (8, 37, 96, None), (8, 65, 256, 32), (8, 300, 1024, 128), (8, 20, 192, 96),
+    (4, 37, 64, 32), (4, 129, 256, 64), (4, 40, 96, 32), (4, 300, 1024, 128), (4, 20, 288, 96),
+]
+
+
+@pytest.mark.parametrize("bits,N,K,group", A8_CASES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_wgemv_a8_matches_its_twin(bits, N, K, group, rows, x_dtype):
+    torch.manual_seed(rows)
+    qw = quantize_weight(torch.randn(N, K) * 0.05, bits, group)
+    x = (torch.randn(rows, K) * torch.rand(rows, K) * 4).to(x_dtype)  # uneven magnitudes: different block scales
+    bias = torch.randn(N) if rows % 2 else None
+    got = cpu.kernels().wgemv_a8(x, qw.data, qw.scales, qw.group_size, bias)
+    want = wgemv_a8_ref(x, qw.data, qw.scales, qw.group_size, bias)
+    assert got.dtype == x_dtype and got.shape == (rows, N)
+    tol = 1e-5 if x_dtype == torch.float32 else 1e-2  # the integer sums are exact; only the float sums' order differs
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    # The identity the prefill GEMM relies on: the same as fp32 x rounded to its int8 blocks, times the dense weight.
+    if x_dtype == torch.float32:
+        dense = F.linear(fake_quant_act(x), dequantize(qw), bias)
+        torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_quantizer_rounds_each_block_to_int8():
+    x = torch.randn(3, 128) * torch.tensor([1e-3, 1.0, 50.0]).repeat_interleave(32).repeat(1, 4)[:, :128]
+    x[1, 32:64] = 0  # an all-zero block: scale 0, q 0
+    q, d = quantize_act_ref(x)
+    assert q.dtype == torch.int8 and d.shape == (3, 4) and q.abs().max() <= 127
+    assert (q.view(3, 4, 32).abs().amax(-1)[d > 0] == 127).all() and d[1, 1] == 0 and (q[1, 32:64] == 0).all()
+    err = (x - fake_quant_act(x)).abs().view(3, 4, 32)
+    assert (err <= d[..., None] / 2 * (1 + 1e-6)).all()  # round to nearest
+
+
+@pytest.fixture
+def float_activations():
+    set_activations("float")
+    yield
+    set_activations("int8")
+
+
+@pytest.mark.parametrize("rows", [1, 4, 13, 200])
+def test_float_activation_mode_is_the_exact_product(rows, float_activations):
+    qw = quantize_weight(torch.randn(70, 256) * 0.05, 8, None)
+    x = torch.randn(rows, 256)
+    torch.testing.assert_close(lowp.qlinear(x, qw), F.linear(x, dequantize(qw)), rtol=2e-5, atol=2e-5)
+
+
+def test_int8_activation_mode_is_the_default_and_checked():
+    qw = quantize_weight(torch.randn(70, 256) * 0.05, 4, 32)
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(lowp.qlinear(x, qw), F.linear(fake_quant_act(x), dequantize(qw)), rtol=2e-5, atol=2e-5)
+    with pytest.raises(InputError, match="activations must be one of int8, float"):
+        set_activations("int4")
+
+
+def test_wgemv_a8_rejects_bad_arguments():
+    qw = quantize_weight(torch.randn(8, 64), 4, 32)
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        cpu.kernels().wgemv_a8(torch.randn(1, 64), qw.data, qw.scales, 16, None)
+    with pytest.raises(RuntimeError, match="int8 or uint8"):
+        cpu.kernels().wgemv_a8(torch.randn(1, 64), torch.randn(8, 64), qw.scales, 32, None)
+    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+        cpu.kernels().wgemv_a8(torch.randn(5, 64), qw.data, qw.scales, 32, None)
 
 
 @pytest.mark.parametrize("fmt,N,K,group", [c for c in CASES if c[0] in ("int8", "int4")])

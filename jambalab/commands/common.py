@@ -54,6 +54,10 @@ def add_precision_args(p: argparse.ArgumentParser) -> None:
                    help="4-bit weight-only quantization, groups of 32 (jambalab.quant)")
     p.add_argument("--group-size", type=int, default=None,
                    help="quantization group size in input features (default: per channel for int8, 32 for int4)")
+    p.add_argument("--activations", choices=["int8", "float"], default="int8",
+                   help="with --int8 / --int4 (or a saved-quantized model): round activations to int8 in blocks of 32 "
+                        "and multiply integers, as llama.cpp's Q8_0 / Q4_0 do (int8, default, fast), or keep them "
+                        "float (the exact product with the dequantized weights)")
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -97,6 +101,9 @@ def load_model(args: argparse.Namespace):
 
 def _check_precision_args(args: argparse.Namespace) -> None:
     from jambalab.errors import InputError
+    from jambalab.quant import set_activations
+
+    set_activations(getattr(args, "activations", "int8"))
 
     if getattr(args, "group_size", None) is not None and not getattr(args, "quantize", None):
         raise InputError("--group-size goes with --int8 or --int4")

@@ -3,9 +3,14 @@
 Legend: M rows of x (tokens), K in_features, N out_features.
 
 Two regimes, chosen per call by M:
-- decode (M <= 4; quantized weights up to M = 16, in blocks of 4): csrc/qgemv.cpp's wgemv reads the weights once, in their stored format, and
-  converts them in registers: the step is bandwidth-bound, so bf16 reads half of fp32's bytes,
-  int8 a quarter, 4-bit an eighth (plus scales).
+- decode (M <= 4; quantized weights up to M = 16, in blocks of 4): the weights are read once, in
+  their stored format: the step is bandwidth-bound, so bf16 reads half of fp32's bytes, int8 a
+  quarter, 4-bit an eighth (plus scales). csrc/qgemv.cpp's wgemv converts them in registers
+  (bf16 x bf16 with vdpbf16ps where the CPU has AVX512-BF16); for int8 / 4-bit weights,
+  csrc/a8gemv.cpp's wgemv_a8 instead quantizes x to int8 in blocks of 32 and multiplies integers
+  with vpdpbusd, as llama.cpp's Q8_0 / Q4_0 kernels do: 2-3x the weights per second of
+  converting them. Which one runs is quant_ref.activations() (set_activations); in the "int8"
+  mode the prefill GEMM rounds x the same way first, so decode and prefill compute the same thing.
 - prefill (more rows): the weight is expanded a tile of output rows at a time (~_TILE_BYTES, so it
   stays in cache) into the GEMM dtype and multiplied with torch's GEMM; never a dense copy of
   the whole matrix. The GEMM dtype is chosen once per machine: bf16 activations use the native
@@ -22,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from jambalab.ops import cpu
-from jambalab.ops.quant_ref import QuantWeight, dequant_ref, qlinear_ref, wgemv_ref
+from jambalab.ops.quant_ref import (QuantWeight, activations, dequant_ref, fake_quant_act, int8_activations, qlinear_ref,
+                                    set_activations, wgemv_a8_ref, wgemv_ref)
 
 DECODE_ROWS = 4  # kMaxRows in qgemv.cpp
 # Up to this many rows (a batched decode step of the serving engine), a quantized matmul runs the GEMV
@@ -30,6 +36,7 @@ DECODE_ROWS = 4  # kMaxRows in qgemv.cpp
 # re-reading a dequantized tile of 2-4 bytes a weight.
 GEMV_ROWS_QUANT = 16
 _TILE_BYTES = 1 << 20  # one dequantized tile of output rows
+
 
 
 # Whether this CPU multiplies bf16 matrices in hardware: read once, at import (a plain constant, which
@@ -85,7 +92,8 @@ def qlinear(x: Tensor, qw: QuantWeight, bias: Tensor | None = None) -> Tensor:
     ops = _decode_kernels(x, qw.data, bias, max_rows=GEMV_ROWS_QUANT)
     if ops is not None:  # blocks of <= 4 rows, each reading the weights once: below the cost of dequantizing
         x2, b = x.reshape(-1, x.shape[-1]).contiguous(), _bias32(bias)  # (M, K)
-        blocks = [ops.wgemv(xb, qw.data, qw.scales, qw.group_size, b) for xb in x2.split(DECODE_ROWS)]
+        gemv = ops.wgemv_a8 if int8_activations(qw) else ops.wgemv
+        blocks = [gemv(xb, qw.data, qw.scales, qw.group_size, b) for xb in x2.split(DECODE_ROWS)]
         y = blocks[0] if len(blocks) == 1 else torch.cat(blocks)  # (M, N)
         return y.view(*x.shape[:-1], qw.out_features)
     dtype = gemm_dtype(x.dtype)
@@ -94,6 +102,9 @@ def qlinear(x: Tensor, qw: QuantWeight, bias: Tensor | None = None) -> Tensor:
     def tile(lo: int, hi: int) -> Tensor:
         return ops.dequant(qw.data, qw.scales, qw.group_size, lo, hi, dtype)
 
+    if int8_activations(qw):  # the activations decode's wgemv_a8 sees: rounded to int8 per block of 32
+        y = _tiled(fake_quant_act(x).to(dtype), qw.out_features, tile, qw.in_features * dtype.itemsize, bias)
+        return y.to(x.dtype)
     return _tiled(x, qw.out_features, tile, qw.in_features * dtype.itemsize, bias)
 
 
@@ -112,4 +123,5 @@ def _tiled(x: Tensor, n_out: int, tile, row_bytes: int, bias: Tensor | None) -> 
     return y.to(x.dtype).view(*x.shape[:-1], n_out)
 
 
-__all__ = ["dense_linear", "qlinear", "gemm_dtype", "native_bf16", "dequant_ref", "wgemv_ref", "DECODE_ROWS"]
+__all__ = ["dense_linear", "qlinear", "gemm_dtype", "native_bf16", "dequant_ref", "wgemv_ref", "wgemv_a8_ref",
+           "set_activations", "activations", "DECODE_ROWS"]

@@ -123,9 +123,72 @@ def wgemv_ref(x: Tensor, weight: Tensor, scales: Tensor | None, group_size: int,
     return y.to(x.dtype)
 
 
+ACT_BLOCK = 32  # activation values per int8 scale in wgemv_a8 (llama.cpp's Q8_0 block)
+
+# What a product with int8 / 4-bit weights does with its activations, in every path (decode GEMV,
+# prefill GEMM, these twins): "int8" rounds each row of x to int8 in blocks of 32 first (llama.cpp's
+# Q8_0 activations; decode then multiplies integers, csrc/a8gemv.cpp), "float" uses x as given (the
+# exact product with the dequantized weight). Set with set_activations.
+ACTIVATION_MODES = ("int8", "float")
+_act = {"mode": "int8"}
+
+
+def set_activations(mode: str) -> None:
+    """"int8" (the default) or "float": how products with int8 / 4-bit weights treat activations."""
+    if mode not in ACTIVATION_MODES:
+        raise InputError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {mode!r}")
+    _act["mode"] = mode
+
+
+def activations() -> str:
+    """The mode in force: "int8" or "float"."""
+    return _act["mode"]
+
+
+def int8_activations(qw: QuantWeight) -> bool:
+    """Whether products with qw round activations to int8 (the mode, for K and G multiples of 32)."""
+    return _act["mode"] == "int8" and qw.in_features % ACT_BLOCK == 0 and qw.group_size % ACT_BLOCK == 0
+
+
+def quantize_act_ref(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (R, K), K a multiple of 32 -> int8 q (R, K) and fp32 block scales d (R, K / 32), symmetric per
+    block of 32: d = max|x| / 127, q = round(x / d) (half to even), x ~ q * d. The twin of a8gemv.cpp's
+    quantize_x: the same fp32 operations in the same order, so q and d are bitwise equal."""
+    xb = x.float().reshape(x.shape[0], -1, ACT_BLOCK)  # (R, K/32, 32)
+    d = xb.abs().amax(dim=-1) / 127.0  # (R, K/32)
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(xb * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(x.shape), d
+
+
+def fake_quant_act(x: Tensor) -> Tensor:
+    """x (..., K) rounded as wgemv_a8 rounds it: q * d per block of 32, as fp32."""
+    q, d = quantize_act_ref(x.reshape(-1, x.shape[-1]))  # (R, K), (R, K/32)
+    xq = q.float().reshape(*d.shape, ACT_BLOCK) * d[..., None]  # (R, K/32, 32)
+    return xq.reshape(x.shape)
+
+
+def wgemv_a8_ref(x: Tensor, weight: Tensor, scales: Tensor, group_size: int, bias: Tensor | None) -> Tensor:
+    """Twin of the C++ wgemv_a8: x (R, K) quantized by quantize_act_ref, times int8 / packed 4-bit weights,
+    each block's integer dot product exact, scaled by d_x[block] * s[group]; returned in x's dtype."""
+    qx, dx = quantize_act_ref(x)
+    qw = weight if weight.dtype == torch.int8 else unpack_int4(weight)  # (N, K) int8
+    R, K = qx.shape
+    nb = K // ACT_BLOCK
+    # Block dot products: integers below 32 * 127 * 127 < 2^24, so exact in fp32 in any order.
+    isum = torch.einsum("rbk,nbk->rnb", qx.float().reshape(R, nb, ACT_BLOCK), qw.float().reshape(-1, nb, ACT_BLOCK))
+    s = scales.float().repeat_interleave(group_size // ACT_BLOCK, dim=1)  # (N, K/32): each block's group scale
+    y = (isum * (dx[:, None, :] * s[None])).sum(-1)  # (R, N)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 def qlinear_ref(x: Tensor, qw: QuantWeight, bias: Tensor | None = None) -> Tensor:
-    """x (..., K) @ dequantize(qw)^T + bias, in x's dtype (the reference for ops.qlinear)."""
-    y = F.linear(x.float(), dequantize(qw), None if bias is None else bias.float())
+    """x (..., K) @ dequantize(qw)^T + bias, in x's dtype (the reference for ops.qlinear); x rounded to
+    int8 blocks first in the "int8" activation mode."""
+    xf = fake_quant_act(x) if int8_activations(qw) else x.float()
+    y = F.linear(xf, dequantize(qw), None if bias is None else bias.float())
     return y.to(x.dtype)
 
 
