@@ -8,8 +8,7 @@
 // - a8_native: whether this build has the VNNI kernel (else the portable loop, slower than
 //   qgemv.cpp's wgemv; jambalab/ops/lowp.py then keeps wgemv by default).
 //
-// Legend: R rows of x, K in_features, N out_features, G group size, b a block of 32 values of K,
-// c a chunk of 64 (two blocks: one 512-bit register of int8).
+// Legend: R rows of x, K in_features, N out_features, G group size, b a block of 32 values of K.
 //
 // Why: wgemv converts every weight to fp32 in registers, ~4 instructions per 16 weights, and runs at
 // ~10 G weights/s a core: below the memory bandwidth for int8 and 4-bit. vpdpbusd multiplies 64 int8
@@ -27,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"  // ALWAYS_INLINE
@@ -39,8 +39,7 @@ namespace {
 
 constexpr int kMaxRows = 4;
 constexpr int kBlock = 32;  // values per activation scale (and the 4-bit packing run)
-constexpr int kChunk = 64;  // weights per step: two blocks
-constexpr int kLanes = 16;  // int32 sums per chunk, 8 per block: lane i sums the products 4i .. 4i + 3
+constexpr int kLanes = 16;  // int32 sums per step: lane i sums the products of bytes 4i .. 4i + 3
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool kNative = true;
@@ -48,41 +47,76 @@ constexpr bool kNative = true;
 constexpr bool kNative = false;
 #endif
 
-// x (R, K) as int8 blocks, padded with zeros to whole chunks, and what the kernel needs per chunk.
-struct QuantX {
-  int64_t R, K, chunks;
-  std::vector<int8_t> q;   // (R, chunks * 64)
-  std::vector<float> dv;   // (R, chunks, 16): each block's scale d in its 8 lanes (0 past K)
-  std::vector<int32_t> off;  // (R, chunks, 16): -8 * the sum of each lane's 4 q's (4-bit weights' offset)
+// One step of the kernel: the weights one iteration reads, and how they lie in its registers.
+//   int8:  64 weights, one register in k order: lanes 0-7 block 0, 8-15 block 1.
+//   4-bit: 128 weights = 64 bytes = four runs; one register's low nibbles hold k 0-15, 32-47, 64-79,
+//          96-111 and its high nibbles k 16-31, 48-63, 80-95, 112-127 (the Q4_0 run order), so
+//          x is laid out the same way (two registers) and lanes 4j .. 4j + 3 of both are block j.
+struct Step {
+  int weights, blocks;
+  bool int4;
+  int lanes_per_block() const { return kLanes / blocks; }
+  // The k (within the step) of byte p of the step's x registers (p < weights).
+  int k_of(int p) const {
+    if (!int4) return p;
+    const int half = p / 64, i = p % 64;  // register 0: low nibbles, 1: high
+    return (i / 16) * kBlock + half * 16 + i % 16;
+  }
 };
 
-// One block of 32 (n <= 32 values): its scale, and q into out.
-float quantize_block(const float* x, int n, int8_t* out) {
+inline Step step_of(bool int4) { return int4 ? Step{128, 4, true} : Step{64, 2, false}; }
+
+// x (R, K) as int8 blocks of 32: q and d in k order (the portable loop's), and, for the VNNI kernel,
+// q in step layout (padded with zeros to whole steps), each lane's block scale, and for 4-bit the
+// offset -8 * (the sum of the lane's q's over both registers) that turns unsigned nibbles u into u - 8.
+struct QuantX {
+  int64_t R, K, steps;
+  Step step;
+  std::vector<int8_t> q;       // (R, K)
+  std::vector<float> d;        // (R, K / 32)
+  std::vector<int8_t> qs;      // (R, steps, step.weights)
+  std::vector<float> dv;       // (R, steps, 16), 0 past K
+  std::vector<int32_t> off;    // (R, steps, 16), 4-bit only
+};
+
+// One block of 32 values: its scale, and q into out.
+float quantize_block(const float* x, int8_t* out) {
   float amax = 0.0f;
-  for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
   const float d = amax / 127.0f;
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  for (int i = 0; i < n; ++i) {
+  for (int i = 0; i < kBlock; ++i) {
     const float v = std::nearbyint(x[i] * id);  // round half to even, as torch.round
     out[i] = static_cast<int8_t>(std::clamp(v, -127.0f, 127.0f));
   }
   return d;
 }
 
-QuantX quantize_x(const float* x, int64_t R, int64_t K) {
-  QuantX a{R, K, (K + kChunk - 1) / kChunk, {}, {}, {}};
-  const int64_t Kp = a.chunks * kChunk;
-  a.q.assign(R * Kp, 0);
-  a.dv.assign(R * a.chunks * kLanes, 0.0f);
-  a.off.assign(R * a.chunks * kLanes, 0);
+QuantX quantize_x(const float* x, int64_t R, int64_t K, bool int4) {
+  const Step st = step_of(int4);
+  QuantX a{R, K, (K + st.weights - 1) / st.weights, st, {}, {}, {}, {}, {}};
+  a.q.resize(R * K);
+  a.d.resize(R * K / kBlock);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t b = 0; b < K / kBlock; ++b) a.d[r * K / kBlock + b] = quantize_block(x + r * K + b * kBlock, a.q.data() + r * K + b * kBlock);
+  if (!kNative) return a;
+  a.qs.assign(R * a.steps * st.weights, 0);
+  a.dv.assign(R * a.steps * kLanes, 0.0f);
+  a.off.assign(R * a.steps * kLanes, 0);
   for (int64_t r = 0; r < R; ++r) {
-    for (int64_t k = 0; k < K; k += kBlock) {
-      int8_t* q = a.q.data() + r * Kp + k;
-      const float d = quantize_block(x + r * K + k, static_cast<int>(std::min<int64_t>(kBlock, K - k)), q);
-      const int64_t lane0 = (r * a.chunks + k / kChunk) * kLanes + (k % kChunk) / 4;
-      for (int l = 0; l < kBlock / 4; ++l) {
-        a.dv[lane0 + l] = d;
-        a.off[lane0 + l] = -8 * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
+    for (int64_t s = 0; s < a.steps; ++s) {
+      int8_t* qs = a.qs.data() + (r * a.steps + s) * st.weights;
+      for (int p = 0; p < st.weights; ++p) {
+        const int64_t k = s * st.weights + st.k_of(p);
+        qs[p] = k < K ? a.q[r * K + k] : 0;
+      }
+      for (int l = 0; l < kLanes; ++l) {
+        const int64_t k = s * st.weights + st.k_of(4 * l);  // the first value of lane l (register 0)
+        const int64_t at = (r * a.steps + s) * kLanes + l;
+        a.dv[at] = k < K ? a.d[r * K / kBlock + k / kBlock] : 0.0f;
+        int32_t sum = 0;
+        for (int p = 4 * l; p < 4 * l + 4; ++p) sum += qs[p] + (int4 ? qs[64 + p] : 0);
+        a.off[at] = -8 * sum;
       }
     }
   }
@@ -99,111 +133,108 @@ struct Args {
   bool int4;
 };
 
-// The scale of the group holding weight k (0 past K).
-float scale_at(const Args& a, int64_t o, int64_t k) {
-  return k < a.K ? static_cast<float>(a.scales[o * (a.K / a.G) + k / a.G]) : 0.0f;
-}
-
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// The group scales of the two blocks of a chunk, as 8 + 8 lanes of floats: the two fp16 bit patterns
-// in one 32-bit word, spread by vpermw, converted by vcvtph2ps. (Found by counting blocks, not by k / G:
-// two 64-bit divisions a chunk were most of the first version's time.)
-struct ChunkScales {
+// The group scales of a step's blocks, spread over their lanes: the fp16 bit patterns gathered into one
+// 64-bit word, spread by vpermw, converted by vcvtph2ps. (Found by counting blocks, not by k / G: two
+// 64-bit divisions a step were most of the first version's time.)
+struct StepScales {
   const uint16_t* s;  // this output's scales, (K / G,) fp16 bits
-  int64_t per_group;  // blocks a group
-  int64_t g = 0, left;  // the next block's group, blocks of it left
+  int64_t per_group, left, g = 0, blocks_left;  // blocks a group; of the current one; blocks before K
+  __m256i spread;
 
-  ChunkScales(const c10::Half* row, int64_t G) : s(reinterpret_cast<const uint16_t*>(row)), per_group(G / kBlock), left(G / kBlock) {}
-
-  uint32_t next_block() {
-    const uint32_t bits = s[g];
-    if (--left == 0) { ++g; left = per_group; }
-    return bits;
+  StepScales(const c10::Half* row, int64_t G, int64_t K, const Step& st)
+      : s(reinterpret_cast<const uint16_t*>(row)), per_group(G / kBlock), left(G / kBlock), blocks_left(K / kBlock) {
+    alignas(32) int16_t idx[kLanes];
+    for (int l = 0; l < kLanes; ++l) idx[l] = static_cast<int16_t>(l / st.lanes_per_block());
+    spread = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx));
   }
 
-  __m512 next(bool two_blocks) {
-    const uint32_t lo = next_block(), hi = two_blocks ? next_block() : 0u;
-    const __m256i idx = _mm256_setr_epi16(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    const __m256i pair = _mm256_castsi128_si256(_mm_cvtsi32_si128(static_cast<int>(lo | hi << 16)));
-    return _mm512_cvtph_ps(_mm256_permutexvar_epi16(idx, pair));
+  template <int Blocks>
+  __m512 next() {
+    if (per_group == 1 && blocks_left >= Blocks) {  // groups of 32: the next scales, as they lie (one load)
+      using Word = std::conditional_t<Blocks == 4, uint64_t, uint32_t>;
+      Word w;
+      std::memcpy(&w, s + g, sizeof w);
+      g += Blocks;
+      blocks_left -= Blocks;
+      return spread_bits(w);
+    }
+    uint64_t bits = 0;
+    for (int j = 0; j < Blocks && blocks_left > 0; ++j, --blocks_left) {
+      bits |= uint64_t(s[g]) << (16 * j);
+      if (--left == 0) { ++g; left = per_group; }
+    }
+    return spread_bits(bits);
+  }
+
+  __m512 spread_bits(uint64_t bits) const {
+    const __m256i v = _mm256_castsi128_si256(_mm_cvtsi64_si128(static_cast<long long>(bits)));
+    return _mm512_cvtph_ps(_mm256_permutexvar_epi16(spread, v));
   }
 };
 
-// The 64 weights of the chunk at k as bytes in k order (n <= 64 of them; the rest zero): int8 as stored,
-// or 4-bit as the unsigned nibbles 0..15 (16 bytes a run of 32: low nibbles k0..k0+15, high k0+16..k0+31).
+// The int32 sums of step s for row r (16 lanes). int8: |w| times q with w's sign (vpdpbusd takes
+// unsigned x signed bytes); 4-bit: the nibbles u times q, both registers into one accumulator that
+// starts at the offset -8 * sum q.
 template <bool Int4>
-ALWAYS_INLINE __m512i chunk_weights(const uint8_t* row, int64_t k, int64_t n) {
-  if constexpr (!Int4) {
-    if (n == kChunk) return _mm512_loadu_si512(row + k);
-    return _mm512_maskz_loadu_epi8((__mmask64(1) << n) - 1, row + k);
+ALWAYS_INLINE __m512i step_sums(const QuantX& x, const uint8_t* row, int64_t r, int64_t s) {
+  const int64_t n = std::min<int64_t>(x.step.weights, x.K - s * x.step.weights);  // weights present
+  const int8_t* q = x.qs.data() + (r * x.steps + s) * x.step.weights;
+  if constexpr (Int4) {
+    const uint8_t* p = row + s * 64;
+    const __m512i v = n == 128 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8((__mmask64(1) << (n / 2)) - 1, p);
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+    const __m512i acc = _mm512_dpbusd_epi32(_mm512_loadu_si512(x.off.data() + (r * x.steps + s) * kLanes), lo,
+                                            _mm512_loadu_si512(q));
+    return _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(q + 64));
   } else {
-    const __m256i v = n == kChunk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2))
-                                  : _mm256_maskz_loadu_epi8((__mmask32(1) << (n / 2)) - 1, row + k / 2);
-    const __m256i nib = _mm256_set1_epi8(0x0F);
-    const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
-    const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // 128-bit lanes: lo0 lo1 hi0 hi1
-    return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));              // lo0 hi0 lo1 hi1: k order
+    const uint8_t* p = row + s * 64;
+    const __m512i w = n == 64 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8((__mmask64(1) << n) - 1, p);
+    const __m512i qr = _mm512_loadu_si512(q);
+    const __m512i sq = _mm512_mask_sub_epi8(qr, _mm512_movepi8_mask(w), _mm512_setzero_si512(), qr);
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sq);
   }
 }
 
-// The int32 sums of chunk c for row r: 16 lanes, lanes 0-7 the first block's, 8-15 the second's.
-template <bool Int4>
-ALWAYS_INLINE __m512i chunk_sums(const QuantX& x, int64_t r, int64_t c, __m512i w, __m512i aw, __mmask64 neg) {
-  const __m512i q = _mm512_loadu_si512(x.q.data() + r * x.chunks * kChunk + c * kChunk);
-  if constexpr (Int4) {  // sum u * q - 8 * sum q: the offset is the accumulator's start
-    return _mm512_dpbusd_epi32(_mm512_loadu_si512(x.off.data() + (r * x.chunks + c) * kLanes), w, q);
-  } else {  // vpdpbusd takes unsigned x signed bytes: |w| times q with w's sign
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, _mm512_mask_sub_epi8(q, neg, _mm512_setzero_si512(), q));
-  }
-}
-
-// acc[r] += (the sums of chunk c, as floats) * (the block scales of x) [* the group scales s].
+// acc[r] += (step s's sums, as floats) * (the lanes' block scales of x) [* the group scales gs].
 template <int R, bool Int4, bool Scaled>
-ALWAYS_INLINE void chunk_step(const QuantX& x, const uint8_t* row, int64_t K, int64_t c, __m512 s, __m512 (&acc)[R]) {
-  const int64_t k = c * kChunk;
-  const __m512i w = chunk_weights<Int4>(row, k, std::min<int64_t>(kChunk, K - k));
-  __m512i aw = w;
-  __mmask64 neg = 0;
-  if constexpr (!Int4) {
-    aw = _mm512_abs_epi8(w);
-    neg = _mm512_movepi8_mask(w);
-  }
+ALWAYS_INLINE void step_acc(const QuantX& x, const uint8_t* row, int64_t s, __m512 gs, __m512 (&acc)[R]) {
   for (int r = 0; r < R; ++r) {
-    const __m512i isum = chunk_sums<Int4>(x, r, c, w, aw, neg);
-    __m512 d = _mm512_loadu_ps(x.dv.data() + (r * x.chunks + c) * kLanes);
-    if constexpr (Scaled) d = _mm512_mul_ps(d, s);
+    const __m512i isum = step_sums<Int4>(x, row, r, s);
+    __m512 d = _mm512_loadu_ps(x.dv.data() + (r * x.steps + s) * kLanes);
+    if constexpr (Scaled) d = _mm512_mul_ps(d, gs);
     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, acc[r]);
   }
 }
 
-// Groups of 32 (or an odd number of 32s): the group scale changes inside a chunk, so each chunk's
-// block scales are multiplied by its two group scales.
+// Groups smaller than a step (or not a whole number of steps): each step's block scales are multiplied
+// by its blocks' group scales.
 template <int R, bool Int4>
-void sums_by_chunk(const Args& a, const uint8_t* row, int64_t o, __m512 (&acc)[R]) {
-  ChunkScales scales(a.scales + o * (a.K / a.G), a.G);
-  for (int64_t c = 0; c < a.x->chunks; ++c) {
-    const __m512 s = scales.next(a.K - c * kChunk >= kChunk);
-    chunk_step<R, Int4, true>(*a.x, row, a.K, c, s, acc);
-  }
+void sums_by_step(const Args& a, const uint8_t* row, int64_t o, __m512 (&acc)[R]) {
+  const QuantX& x = *a.x;
+  StepScales scales(a.scales + o * (a.K / a.G), a.G, a.K, x.step);
+  for (int64_t s = 0; s < x.steps; ++s) step_acc<R, Int4, true>(x, row, s, scales.template next<Int4 ? 4 : 2>(), acc);
 }
 
-// Groups of a multiple of 64: whole chunks, so the group scale multiplies the group's sum once. One
-// row of x alternates two accumulators: one FMA chain (4 cycles a step) would be the bound.
+// Groups of whole steps: the group scale multiplies the group's sum once. One row of x alternates two
+// accumulators: one FMA chain (4 cycles a step) would be the bound.
 template <int R, bool Int4>
 void sums_by_group(const Args& a, const uint8_t* row, int64_t o, __m512 (&acc)[R]) {
   constexpr int C = R == 1 ? 2 : 1;
-  const int64_t per_group = a.G / kChunk, ng = a.K / a.G;
-  const c10::Half* s = a.scales + o * ng;
+  const QuantX& x = *a.x;
+  const int64_t per_group = a.G / x.step.weights, ng = a.K / a.G;
+  const c10::Half* sc = a.scales + o * ng;
   for (int64_t g = 0; g < ng; ++g) {
     __m512 part[C][R];
     for (int i = 0; i < C; ++i)
       for (int r = 0; r < R; ++r) part[i][r] = _mm512_setzero_ps();
-    int64_t c = g * per_group;
-    const int64_t end = c + per_group;
-    for (; c + C <= end; c += C)
-      for (int i = 0; i < C; ++i) chunk_step<R, Int4, false>(*a.x, row, a.K, c + i, __m512{}, part[i]);
-    for (; c < end; ++c) chunk_step<R, Int4, false>(*a.x, row, a.K, c, __m512{}, part[0]);
-    const __m512 sg = _mm512_set1_ps(static_cast<float>(s[g]));
+    int64_t s = g * per_group;
+    const int64_t end = s + per_group;
+    for (; s + C <= end; s += C)
+      for (int i = 0; i < C; ++i) step_acc<R, Int4, false>(x, row, s + i, __m512{}, part[i]);
+    for (; s < end; ++s) step_acc<R, Int4, false>(x, row, s, __m512{}, part[0]);
+    const __m512 sg = _mm512_set1_ps(static_cast<float>(sc[g]));
     for (int r = 0; r < R; ++r) {
       __m512 t = part[0][r];
       for (int i = 1; i < C; ++i) t = _mm512_add_ps(t, part[i][r]);
@@ -217,30 +248,28 @@ void one_output(const Args& a, int64_t o) {
   const uint8_t* row = a.w + o * a.row_bytes;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  if (a.G % kChunk == 0) sums_by_group<R, Int4>(a, row, o, acc);
-  else sums_by_chunk<R, Int4>(a, row, o, acc);
+  if (a.G % a.x->step.weights == 0) sums_by_group<R, Int4>(a, row, o, acc);
+  else sums_by_step<R, Int4>(a, row, o, acc);
   for (int r = 0; r < R; ++r) a.y[r * a.N + o] = _mm512_reduce_add_ps(acc[r]) + (a.bias ? a.bias[o] : 0.0f);
 }
 #else
-// Portable: the same sums, a block at a time, in plain loops.
+// Portable: the same sums, a block at a time, in plain loops over q in k order.
 template <int R, bool Int4>
 void one_output(const Args& a, int64_t o) {
   const QuantX& x = *a.x;
-  const int64_t Kp = x.chunks * kChunk;
   const uint8_t* row = a.w + o * a.row_bytes;
   float acc[R] = {};
   for (int64_t k = 0; k < a.K; k += kBlock) {
     int32_t wq[kBlock];
     for (int j = 0; j < kBlock; ++j) {
-      wq[j] = a.int4 ? ((row[k / 2 + (j & 15)] >> (j & 16 ? 4 : 0)) & 0xF) - 8 : static_cast<int8_t>(row[k + j]);
+      wq[j] = Int4 ? ((row[k / 2 + (j & 15)] >> (j & 16 ? 4 : 0)) & 0xF) - 8 : static_cast<int8_t>(row[k + j]);
     }
-    const float s = scale_at(a, o, k);
+    const float s = static_cast<float>(a.scales[o * (a.K / a.G) + k / a.G]);
     for (int r = 0; r < R; ++r) {
-      const int8_t* q = x.q.data() + r * Kp + k;
+      const int8_t* q = x.q.data() + r * a.K + k;
       int32_t isum = 0;
       for (int j = 0; j < kBlock; ++j) isum += wq[j] * q[j];
-      const float d = x.dv[(r * x.chunks + k / kChunk) * kLanes + (k % kChunk) / 4];
-      acc[r] += static_cast<float>(isum) * (d * s);
+      acc[r] += static_cast<float>(isum) * (x.d[r * a.K / kBlock + k / kBlock] * s);
     }
   }
   for (int r = 0; r < R; ++r) a.y[r * a.N + o] = acc[r] + (a.bias ? a.bias[o] : 0.0f);
@@ -282,7 +311,7 @@ at::Tensor wgemv_a8(const at::Tensor& x, const at::Tensor& weight, const at::Ten
                 "wgemv_a8: bias must be contiguous float32 (N,)");
   }
   const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  const QuantX qx = quantize_x(xf.data_ptr<float>(), R, K);
+  const QuantX qx = quantize_x(xf.data_ptr<float>(), R, K, int4);
   at::Tensor y = at::empty({R, N}, xf.options());
   const Args a{&qx, static_cast<const uint8_t*>(weight.data_ptr()), scales.data_ptr<c10::Half>(),
                bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), K, N, G, weight.size(1), int4};
