@@ -8,7 +8,9 @@ Precisions (--precisions): fp32; bf16; int8 per output channel and in groups of 
 groups of 32, 64 and 128. Each quantized variant is quantized from the model cast to each
 --bases dtype, which the matrices that stay float (norms, embedding, router, Mamba's
 selection path, a tied lm_head) and the activations keep: bf16 is what a bf16 checkpoint gives,
-fp32 what `--int8` on an fp32 checkpoint gives. The targets (issue 13) compare perplexity to the
+fp32 what `--int8` on an fp32 checkpoint gives. Each is measured with the activations rounded to int8
+blocks (the default, as llama.cpp's Q8_0 / Q4_0 kernels) and, labelled +fa, with float activations
+(--activations). The targets (issue 13) compare perplexity to the
 bf16 model's: int8 within 1%, 4-bit within 5%.
 
 1. The trained model: perplexity and bits per byte on the held-out split of its training corpus
@@ -33,7 +35,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -61,6 +63,7 @@ class Precision:
     name: str  # e.g. "int4-g32"
     scheme: str | None = None  # None (float), "int8" or "int4"
     group_size: int | None = None  # None: per output channel (int8 only)
+    activations: str = "int8"  # how quantized products treat activations (jambalab.quant.set_activations)
 
     @property
     def target(self) -> float | None:
@@ -73,13 +76,18 @@ PRECISIONS = {p.name: p for p in [Precision("fp32"), Precision("bf16"), Precisio
                                   Precision("int4-g64", "int4", 64), Precision("int4-g128", "int4", 128)]}
 
 
-def variants(names: list[str], bases: list[str]) -> list[tuple[str, Precision, str]]:
-    """(label, precision, float dtype name): the float precisions once, each quantized one per base."""
+def variants(names: list[str], bases: list[str], acts: tuple[str, ...] = ("int8",)) -> list[tuple[str, Precision, str]]:
+    """(label, precision, float dtype name): the float precisions once, each quantized one per base and
+    activation mode (labelled "+fa" for float activations)."""
     out = []
     for name in names:
         p = PRECISIONS[name]
-        for base in ([name] if p.scheme is None else bases):
-            out.append((name if p.scheme is None else f"{name}/{base}", p, base))
+        if p.scheme is None:
+            out.append((name, p, name))
+            continue
+        for base in bases:
+            for act in acts:
+                out.append((f"{name}/{base}" + ("" if act == "int8" else "+fa"), replace(p, activations=act), base))
     return out
 
 
@@ -87,6 +95,9 @@ def make_variant(model: JambaLM, p: Precision, base: str) -> JambaLM:
     """A copy of the fp32 model cast to base and quantized per p (InputError if a group size does not fit)."""
     from jambalab.quant import quantize_model
 
+    from jambalab.quant import set_activations
+
+    set_activations(p.activations)  # global: in force until the next variant is made
     m = copy.deepcopy(model).to(FLOATS[base]).eval()
     return m if p.scheme is None else quantize_model(m, p.scheme, p.group_size)
 
@@ -284,6 +295,8 @@ def main() -> int:
     ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     ap.add_argument("--bases", nargs="+", default=["bf16", "fp32"], choices=list(FLOATS),
                     help="float dtype(s) the quantized variants keep for the rest (default: both)")
+    ap.add_argument("--activations", nargs="+", default=["int8", "float"], choices=["int8", "float"],
+                    help="activation modes of the quantized variants (default both; float ones are labelled +fa)")
     ap.add_argument("--data", help="perplexity text: a file, or a corpus' held-out split (default: stdlib)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=65536)
@@ -304,7 +317,7 @@ def main() -> int:
 
     model, tok, source = ev.load_for_eval(trained_model_dir(args), seed=args.seed)
     ids, n_bytes, what = ev.corpus_eval_text(tok, args.data, seed=args.seed, max_tokens=args.max_tokens)
-    todo = variants(args.precisions, args.bases)
+    todo = variants(args.precisions, args.bases, tuple(args.activations))
     bar = tqdm(total=len(todo) * (1 if args.no_checkpoints else 1 + len(HF_SHAPES)), desc="variants", unit="model")
     result = {"model": source, "text": what, "seq_len": args.seq_len, "params": model.num_parameters(),
               "layer_pattern": model.config.layer_pattern(), "targets_vs_bf16": TARGETS,
