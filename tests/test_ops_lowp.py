@@ -1,5 +1,10 @@
 """Low-precision linear kernels (csrc/qgemv.cpp, ops/lowp.py) against their pure-PyTorch twins."""
 
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,6 +102,36 @@ def test_int8_activation_mode_is_the_default_and_checked():
     torch.testing.assert_close(lowp.qlinear(x, qw), F.linear(fake_quant_act(x), dequantize(qw)), rtol=2e-5, atol=2e-5)
     with pytest.raises(InputError, match="activations must be one of int8, float"):
         set_activations("int4")
+
+
+_ISA_CHECK = """
+import sys, tempfile, torch
+from torch.utils import cpp_extension
+cpp_extension.load(name="a8_isa", sources=[sys.argv[1]], extra_cflags=["-O3", "-march=native", *sys.argv[2:]],
+                   build_directory=tempfile.mkdtemp(), is_python_module=False)
+from jambalab.ops.quant_ref import quantize_weight, wgemv_a8_ref
+for bits, G, K in ((8, None, 96), (8, 32, 192), (4, 32, 96), (4, 64, 256), (4, 96, 288)):
+    for R in (1, 3):
+        qw, x = quantize_weight(torch.randn(37, K), bits, G), torch.randn(R, K)
+        got = torch.ops.jambalab_kernels.wgemv_a8(x, qw.data, qw.scales, qw.group_size, None)
+        torch.testing.assert_close(got, wgemv_a8_ref(x, qw.data, qw.scales, qw.group_size, None), rtol=1e-5, atol=1e-5)
+print(torch.ops.jambalab_kernels.a8_native())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not torch.cpu._is_avx2_supported(),
+                    reason="the ISA variants are x86 ones")
+@pytest.mark.parametrize("flags,simd", [(["-mno-avx512f", "-mno-avx512vnni"], True),  # the AVX2 kernel
+                                        (["-mno-avx2", "-mno-avx512f", "-mno-avx512vnni"], False)])  # portable
+def test_wgemv_a8_other_isa_builds_match_the_twin(flags, simd):
+    """This machine builds only its own -march=native variant: the AVX2 and portable code paths of a8gemv.cpp
+    are compiled here without the newer ISAs, in a fresh process (the op names would clash), and checked."""
+    src = Path(cpu.__file__).parent / "csrc" / "a8gemv.cpp"
+    out = subprocess.run([sys.executable, "-c", _ISA_CHECK, str(src), *flags], capture_output=True, text=True,
+                         timeout=600, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == str(simd)
 
 
 def test_wgemv_a8_rejects_bad_arguments():

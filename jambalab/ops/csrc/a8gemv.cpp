@@ -5,8 +5,8 @@
 //   d = max|x| / 127, q = round(x / d) in [-127, 127] (llama.cpp's Q8_0 activations); then
 //     y[r, o] = sum_b d_x[r, b] * s[o, g(b)] * sum_{k in b} q_x[r, k] * q_w[o, k]
 //   with the inner sums exact in int32. K and G are multiples of 32.
-// - a8_native: whether this build has the VNNI kernel (else the portable loop, slower than
-//   qgemv.cpp's wgemv; jambalab/ops/lowp.py then keeps wgemv by default).
+// - a8_native: whether this build has a SIMD kernel (AVX512-VNNI vpdpbusd, or AVX2 vpmaddubsw), not
+//   the portable loop.
 //
 // Legend: R rows of x, K in_features, N out_features, G group size, b a block of 32 values of K.
 //
@@ -31,7 +31,7 @@
 
 #include "simd.h"  // ALWAYS_INLINE
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -42,9 +42,14 @@ constexpr int kBlock = 32;  // values per activation scale (and the 4-bit packin
 constexpr int kLanes = 16;  // int32 sums per step: lane i sums the products of bytes 4i .. 4i + 3
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-constexpr bool kNative = true;
+constexpr bool kNative = true;  // the VNNI kernel (its step layout of x is built only then)
 #else
 constexpr bool kNative = false;
+#endif
+#if defined(__AVX2__)
+constexpr bool kSimd = true;  // a8_native: VNNI or AVX2, not the portable loop
+#else
+constexpr bool kSimd = kNative;
 #endif
 
 // One step of the kernel: the weights one iteration reads, and how they lie in its registers.
@@ -252,6 +257,48 @@ void one_output(const Args& a, int64_t o) {
   else sums_by_step<R, Int4>(a, row, o, acc);
   for (int r = 0; r < R; ++r) a.y[r * a.N + o] = _mm512_reduce_add_ps(acc[r]) + (a.bias ? a.bias[o] : 0.0f);
 }
+#elif defined(__AVX2__)
+// AVX2 without VNNI: per block of 32, vpmaddubsw (unsigned x signed bytes, pairs into int16) and
+// vpmaddwd by ones (pairs into int32), with |w| and q carrying w's sign (llama.cpp's AVX2 Q8_0 way;
+// |w| * q <= 127 * 127, so a pair's int16 sum cannot saturate).
+template <bool Int4>
+ALWAYS_INLINE __m256i block_weights(const uint8_t* row, int64_t k) {  // 32 int8 weights in k order
+  if constexpr (Int4) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+    const __m128i nib = _mm_set1_epi8(0x0F);
+    const __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nib), _mm_and_si128(v, nib));
+    return _mm256_sub_epi8(u, _mm256_set1_epi8(8));
+  } else {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+  }
+}
+
+template <int R, bool Int4>
+void one_output(const Args& a, int64_t o) {
+  const QuantX& x = *a.x;
+  const uint8_t* row = a.w + o * a.row_bytes;
+  const int64_t nb = a.K / kBlock, per_group = a.G / kBlock;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < a.K / a.G; ++g) {
+    const float s = _cvtsh_ss(a.scales[o * (a.K / a.G) + g].x);
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      const __m256i w = block_weights<Int4>(row, b * kBlock);
+      const __m256i aw = _mm256_sign_epi8(w, w);
+      for (int r = 0; r < R; ++r) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + r * a.K + b * kBlock));
+        const __m256i isum = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(q, w)), ones);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(x.d[r * nb + b] * s), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, acc[r]);
+    a.y[r * a.N + o] = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7])) + (a.bias ? a.bias[o] : 0.0f);
+  }
+}
 #else
 // Portable: the same sums, a block at a time, in plain loops over q in k order.
 template <int R, bool Int4>
@@ -324,7 +371,7 @@ at::Tensor wgemv_a8(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-bool a8_native() { return kNative; }
+bool a8_native() { return kSimd; }
 
 }  // namespace jambalab
 
