@@ -1,5 +1,5 @@
 // Two ops of the decode path, beside their pure-PyTorch twins (jambalab/ops/fused.py):
-// - gemv: y (R, N) = x (R, K) @ W (N, K)^T + bias for R <= 4 rows (twin: F.linear);
+// - gemv: y (R, N) = x (R, K) @ W (N, K)^T + bias for R <= 16 rows (twin: F.linear);
 // - rms_norm: y = x * rsqrt(mean(x^2) + eps) * weight over the last dim, fp32 (twin:
 //   jambalab.ops.rms_norm_ref, HF's op order). On CPU F.rms_norm is a chain of ~7 ops,
 //   ~60 us for a 16-wide row; a decode token of bench-hybrid runs 38 norms.
@@ -29,15 +29,18 @@
 
 namespace {
 
-constexpr int kMaxRows = 4;
+constexpr int kMaxRows = 16;
 
 // One output row o for the R rows of x: a single sequential stream through W's row (the hardware
-// prefetcher's best case; a row is re-read from L1 for r > 0), four independent accumulators
-// so that the FMA latency is hidden.
+// prefetcher's best case; a row is re-read from L1 for r > 0, so W is read from memory once
+// whatever R is), four independent accumulators so that the FMA latency is hidden. Each row's sum
+// is computed by the same instructions whatever R is: a row's result does not depend on the batch.
+// R is a template argument up to 4 (unrolled) and a run-time one (R = 0 here, `rows` given) above.
 template <int R>
-inline void one_output(const float* x, const float* w, int64_t K, int64_t o, float* y, int64_t N) {
+inline void one_output(const float* x, const float* w, int64_t K, int64_t o, float* y, int64_t N,
+                       int64_t rows = R) {
   const float* wo = w + o * K;
-  for (int r = 0; r < R; ++r) {
+  for (int64_t r = 0; r < (R ? R : rows); ++r) {
     const float* xr = x + r * K;
     vf a0{}, a1{}, a2{}, a3{};
     int64_t k = 0;
@@ -56,19 +59,20 @@ inline void one_output(const float* x, const float* w, int64_t K, int64_t o, flo
 
 template <int R>
 void outputs(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N, int64_t lo,
-             int64_t hi) {
-  for (int64_t o = lo; o < hi; ++o) one_output<R>(x, w, K, o, y, N);
+             int64_t hi, int64_t rows = R) {
+  for (int64_t o = lo; o < hi; ++o) one_output<R>(x, w, K, o, y, N, rows);
   if (bias) {
-    for (int r = 0; r < R; ++r)
+    for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = lo; j < hi; ++j) y[r * N + j] += bias[j];
   }
 }
 
 template <int R>
-void gemv_rows(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N) {
+void gemv_rows(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N,
+               int64_t rows = R) {
   // Each task reads >= ~64 KiB of W: smaller ones cost more in the fork than they save.
   const int64_t grain = std::max<int64_t>(4, 16384 / std::max<int64_t>(1, K));
-  at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) { outputs<R>(x, w, bias, y, K, N, lo, hi); });
+  at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) { outputs<R>(x, w, bias, y, K, N, lo, hi, rows); });
 }
 
 }  // namespace
@@ -94,7 +98,8 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
     case 1: gemv_rows<1>(xp, wp, bp, yp, K, N); break;
     case 2: gemv_rows<2>(xp, wp, bp, yp, K, N); break;
     case 3: gemv_rows<3>(xp, wp, bp, yp, K, N); break;
-    default: gemv_rows<4>(xp, wp, bp, yp, K, N); break;
+    case 4: gemv_rows<4>(xp, wp, bp, yp, K, N); break;
+    default: gemv_rows<0>(xp, wp, bp, yp, K, N, R); break;
   }
   return y;
 }
@@ -105,7 +110,8 @@ void gemv_outputs(const float* x, int64_t R, const float* w, const float* bias, 
     case 1: outputs<1>(x, w, bias, y, K, N, lo, hi); break;
     case 2: outputs<2>(x, w, bias, y, K, N, lo, hi); break;
     case 3: outputs<3>(x, w, bias, y, K, N, lo, hi); break;
-    default: outputs<4>(x, w, bias, y, K, N, lo, hi); break;
+    case 4: outputs<4>(x, w, bias, y, K, N, lo, hi); break;
+    default: outputs<0>(x, w, bias, y, K, N, lo, hi, R); break;
   }
 }
 
