@@ -11,8 +11,9 @@ Three workloads, each through a started Engine (its background thread) with rand
                history (round by round: turn t of all 8 conversations at once): time to first
                token and prefill tokens computed per turn, the token hit rate; prefix cache off,
                on, and, under a budget a third of what "on" held, LRU vs the Marconi-style score.
-  stall        a long prompt arriving while 4 streams decode: the longest gap between two tokens
-               of those streams during its prefill, against one prefill chunk + one decode step.
+  stall        a long prompt (100,000 tokens) arriving while 4 streams decode: the longest gap between
+               two tokens of those streams during its whole prefill, against one first prefill chunk
+               (chunk tokens into an empty cache, timed alone) + one decode step.
 
 Speed figures depend on the machine and its load: run it on an idle machine for numbers to keep.
 """
@@ -234,24 +235,26 @@ def _chat_once(model, plan: Plan, cfg: dict, bar) -> dict:
 
 def run_stall(model, plan: Plan, bar) -> dict:
     """Streams decode; once each has a few tokens, a long prompt arrives. The gaps between stream
-    tokens while it prefills are compared with a prefill chunk's time plus a decode step's."""
+    tokens while it prefills are compared with the engine's promise: one first chunk (chunk tokens
+    from an empty cache: later chunks are cut to the same estimated FLOPs) plus one decode step."""
     _warm(model, plan)
     rng = random.Random(2)
     vocab = model.config.vocab_size
-    n_chunks = -(-plan.stall_prompt // plan.chunk)
+    first_chunk = _first_chunk_s(model, plan, rng)
     engine = _engine(model, plan, max_batch=plan.stall_streams + 1, prefix_cache_bytes=0)
+    n_chunks, pos = 0, 0
+    while pos < plan.stall_prompt:  # the engine's own cut of the long prompt (no checkpoints: no prefix cache)
+        pos, n_chunks = engine.chunk_end(pos, plan.stall_prompt), n_chunks + 1
     try:
         t = _Timed(engine)
-        long_gen = 1
-        # The streams outlive the long prefill: about one token per chunk of it, plus slack.
+        # The streams outlive the long prefill: one token per chunk of it, plus slack.
         stream_tokens = n_chunks + 32
         for _ in range(plan.stall_streams):
             t.submit(_tokens(rng, 16, vocab), stream_tokens)
         while min(len(ts) for ts in t.times[:plan.stall_streams]) < 8:
             time.sleep(0.001)
         arrive = time.perf_counter()
-        long_prompt = _tokens(rng, plan.stall_prompt, vocab)
-        t.submit(long_prompt, long_gen)
+        t.submit(_tokens(rng, plan.stall_prompt, vocab), 1)
         t.wait()
     finally:
         engine.stop(drain=False, timeout=60)
@@ -261,15 +264,27 @@ def run_stall(model, plan: Plan, bar) -> dict:
         for a, b in zip(ts, ts[1:]):
             (gaps_during if arrive <= b <= prefill_done else gaps_before if b < arrive else []).append(b - a)
     decode_step = statistics.median(gaps_before)
-    # Each engine step during the prefill is one decode step + one chunk: a chunk's time is what a
-    # step took beyond a decode step.
-    step_during = (prefill_done - arrive) / n_chunks
     bar.update(plan.stall_streams + 1)
-    return dict(prompt=plan.stall_prompt, chunk=plan.chunk, streams=plan.stall_streams,
-                prefill_s=prefill_done - arrive, decode_step_s=decode_step,
-                chunk_s=max(step_during - decode_step, 0.0), max_gap_s=max(gaps_during) if gaps_during else 0.0,
+    return dict(prompt=plan.stall_prompt, chunk=plan.chunk, streams=plan.stall_streams, chunks=n_chunks,
+                prefill_s=prefill_done - arrive, decode_step_s=decode_step, chunk_s=first_chunk,
+                mean_chunk_s=max((prefill_done - arrive) / n_chunks - decode_step, 0.0),
+                max_gap_s=max(gaps_during) if gaps_during else 0.0,
                 median_gap_during_s=statistics.median(gaps_during) if gaps_during else 0.0,
-                bound_s=step_during)
+                bound_s=first_chunk + decode_step)
+
+
+def _first_chunk_s(model, plan: Plan, rng: random.Random) -> float:
+    """The median time of a batch-1 prefill of `chunk` tokens into an empty cache (the engine's
+    per-step prefill budget is this chunk's estimated FLOPs)."""
+    times = []
+    with torch.no_grad():
+        for _ in range(5):
+            ids = torch.tensor([_tokens(rng, plan.chunk, model.config.vocab_size)])
+            cache = model.allocate_cache(1, plan.chunk)
+            start = time.perf_counter()
+            model(ids, cache=cache, logits_to_keep=1)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------
@@ -321,8 +336,8 @@ def targets(results: dict) -> list[dict]:
         out.append(dict(target="chat turns 2+: median TTFT >= 10x lower with cache", measured=speed, met=speed >= 10))
     stall = results.get("stall")
     if stall:
-        out.append(dict(target="longest stream stall <= one chunk + one decode step (s)", measured=stall["max_gap_s"],
-                        met=stall["max_gap_s"] <= stall["chunk_s"] + stall["decode_step_s"]))
+        out.append(dict(target="longest stream stall <= one first chunk + one decode step (s)",
+                        measured=stall["max_gap_s"], met=stall["max_gap_s"] <= stall["bound_s"]))
     return out
 
 
@@ -354,10 +369,12 @@ def table(results: dict) -> str:
         lines.append("")
     if "stall" in results:
         s = results["stall"]
-        lines += [f"stall: a {s['prompt']:,}-token prompt arrives during {s['streams']} streams (chunk {s['chunk']})",
-                  f"  prefill {s['prefill_s']:.2f} s; decode step {1e3 * s['decode_step_s']:.1f} ms, chunk "
-                  f"{1e3 * s['chunk_s']:.1f} ms; stream gaps during the prefill: median "
-                  f"{1e3 * s['median_gap_during_s']:.1f} ms, longest {1e3 * s['max_gap_s']:.1f} ms", ""]
+        lines += [f"stall: a {s['prompt']:,}-token prompt arrives during {s['streams']} streams (chunk {s['chunk']} "
+                  f"tokens' FLOPs a step: {s['chunks']} chunks)",
+                  f"  prefill {s['prefill_s']:.2f} s; decode step {1e3 * s['decode_step_s']:.1f} ms, first chunk "
+                  f"{1e3 * s['chunk_s']:.1f} ms (mean chunk during the prefill {1e3 * s['mean_chunk_s']:.1f} ms); "
+                  f"stream gaps during the prefill: median {1e3 * s['median_gap_during_s']:.1f} ms, longest "
+                  f"{1e3 * s['max_gap_s']:.1f} ms (bound {1e3 * s['bound_s']:.1f} ms)", ""]
     m = results["machine"]
     lines.append(f"machine: {m.get('cpu')}, {m.get('threads')} threads, 1-min load average {m.get('load_1min')}")
     for t in results["targets"]:
