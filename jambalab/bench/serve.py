@@ -17,7 +17,7 @@ Three workloads, each through a started Engine (its background thread) with rand
                budget that holds the documents and a few one-offs: token hit rate, prefill tokens.
   stall        a long prompt (100,000 tokens) arriving while 4 streams decode: the longest gap between
                two tokens of those streams during its whole prefill, against one first prefill chunk
-               (chunk tokens into an empty cache, timed alone) + one decode step.
+               (a lone chunk-token request's time to first token) + one decode step.
 
 Speed figures depend on the machine and its load: run it on an idle machine for numbers to keep.
 """
@@ -295,7 +295,8 @@ def _checkpoint_bytes(model, n: int) -> int:
 def run_stall(model, plan: Plan, bar) -> dict:
     """Streams decode; once each has a few tokens, a long prompt arrives. The gaps between stream
     tokens while it prefills are compared with the engine's promise: one first chunk (chunk tokens
-    from an empty cache: later chunks are cut to the same estimated FLOPs) plus one decode step."""
+    into an empty cache, timed through the engine: later chunks are cut to the same estimated
+    FLOPs) plus one decode step."""
     _warm(model, plan)
     rng = random.Random(2)
     vocab = model.config.vocab_size
@@ -318,10 +319,15 @@ def run_stall(model, plan: Plan, bar) -> dict:
     finally:
         engine.stop(drain=False, timeout=60)
     prefill_done = t.times[-1][0]
-    gaps_before, gaps_during = [], []
+    gaps_before, gaps_during, early, late = [], [], [], []
+    tenth = (prefill_done - arrive) / 10
     for ts in t.times[:plan.stall_streams]:
         for a, b in zip(ts, ts[1:]):
             (gaps_during if arrive <= b <= prefill_done else gaps_before if b < arrive else []).append(b - a)
+            if arrive <= b <= arrive + tenth:
+                early.append(b - a)
+            elif prefill_done - tenth <= b <= prefill_done:
+                late.append(b - a)
     decode_step = statistics.median(gaps_before)
     bar.update(plan.stall_streams + 1)
     return dict(prompt=plan.stall_prompt, chunk=plan.chunk, streams=plan.stall_streams, chunks=n_chunks,
@@ -329,20 +335,25 @@ def run_stall(model, plan: Plan, bar) -> dict:
                 mean_chunk_s=max((prefill_done - arrive) / n_chunks - decode_step, 0.0),
                 max_gap_s=max(gaps_during) if gaps_during else 0.0,
                 median_gap_during_s=statistics.median(gaps_during) if gaps_during else 0.0,
+                # the cost-aware cut should keep a step as long at the end of the prompt as at its start
+                median_gap_first_tenth_s=statistics.median(early) if early else 0.0,
+                median_gap_last_tenth_s=statistics.median(late) if late else 0.0,
                 bound_s=first_chunk + decode_step)
 
 
 def _first_chunk_s(model, plan: Plan, rng: random.Random) -> float:
-    """The median time of a batch-1 prefill of `chunk` tokens into an empty cache (the engine's
-    per-step prefill budget is this chunk's estimated FLOPs)."""
+    """The median time to first token of a lone `chunk`-token request on an idle engine: one step
+    whose prefill is exactly a first chunk (the engine's per-step budget is its estimated FLOPs)."""
+    engine = _engine(model, plan, max_batch=1, prefix_cache_bytes=0)
     times = []
-    with torch.no_grad():
+    try:
         for _ in range(5):
-            ids = torch.tensor([_tokens(rng, plan.chunk, model.config.vocab_size)])
-            cache = model.allocate_cache(1, plan.chunk)
-            start = time.perf_counter()
-            model(ids, cache=cache, logits_to_keep=1)
-            times.append(time.perf_counter() - start)
+            t = _Timed(engine)
+            t.submit(_tokens(rng, plan.chunk, model.config.vocab_size), 1)
+            t.wait()
+            times.append(t.ttft(0))
+    finally:
+        engine.stop(drain=False, timeout=60)
     return statistics.median(times)
 
 
@@ -447,7 +458,9 @@ def table(results: dict) -> str:
                   f"  prefill {s['prefill_s']:.2f} s; decode step {1e3 * s['decode_step_s']:.1f} ms, first chunk "
                   f"{1e3 * s['chunk_s']:.1f} ms (mean chunk during the prefill {1e3 * s['mean_chunk_s']:.1f} ms); "
                   f"stream gaps during the prefill: median {1e3 * s['median_gap_during_s']:.1f} ms, longest "
-                  f"{1e3 * s['max_gap_s']:.1f} ms (bound {1e3 * s['bound_s']:.1f} ms)", ""]
+                  f"{1e3 * s['max_gap_s']:.1f} ms (bound {1e3 * s['bound_s']:.1f} ms); median gap in the first tenth "
+                  f"of the prefill {1e3 * s['median_gap_first_tenth_s']:.1f} ms, in the last tenth "
+                  f"{1e3 * s['median_gap_last_tenth_s']:.1f} ms", ""]
     m = results["machine"]
     lines.append(f"machine: {m.get('cpu')}, {m.get('threads')} threads, 1-min load average {m.get('load_1min')}")
     for t in results["targets"]:
