@@ -37,11 +37,11 @@ ALWAYS_INLINE vf load(const float* p) {
 // critical path, not W). Each halving is one vector add of v and its upper half moved down (the
 // lanes at and above w are then unused), so it stays in registers; the adds, and so the bits, are
 // those of the scalar loop. A GEMV of K = 256 spent about a third of its time in the scalar one.
-typedef int vi __attribute__((vector_size(kVecBytes)));
+typedef int vidx __attribute__((vector_size(kVecBytes)));  // lane indices for __builtin_shuffle
 
 template <int w>
 ALWAYS_INLINE vf fold(vf v) {
-  vi idx;
+  vidx idx;
   for (int i = 0; i < W; ++i) idx[i] = (i + w) % W;
   return v + __builtin_shuffle(v, idx);
 }
