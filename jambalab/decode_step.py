@@ -1,12 +1,13 @@
 """A whole decode token in one kernel call: the arguments of ops.decode_step (csrc/step.cpp).
 
-Legend: R rows (1-4), L layers, V vocab.
+Legend: R rows (1-16), L layers, V vocab.
 
 JambaLM.forward takes this path for one new token per row of a float32 CPU model without RoPE,
-on a plain cache (no padding, not ragged, already holding a prefix), outside autograd; anything
-else (bf16 / int8 / int4 weights, swapped modules, a ragged serving batch, a padded prompt, grad
-mode) returns None here and the model decodes layer by layer, which is the twin: the logits of
-both paths are bitwise equal (tests/test_decode_step.py).
+on a cache already holding a prefix, without padding: a plain cache (every row at the same
+position) or the serving engine's ragged SlotBatch (each row at its own length, its own K/V
+tensors), outside autograd; anything else (bf16 / int8 / int4 weights, swapped modules, a padded
+prompt, grad mode, more than 16 rows) returns None here and the model decodes layer by layer,
+which is the twin: the logits of both paths are bitwise equal (tests/test_decode_step.py).
 
 The tensors are gathered once per model into a DecodePlan, kept until a module or parameter is
 registered anywhere (a global nn.Module hook counts those: quantize_model's module swaps, a
@@ -26,7 +27,7 @@ from jambalab import ops
 _SLOTS_MIXER = 14  # csrc/step.cpp: per layer norm1, norm2, 14 mixer slots, 4 FFN slots
 _SLOTS_FFN = 4
 _EMPTY = torch.empty(0)  # an absent weight or bias
-_MAX_ROWS = 4
+_MAX_ROWS = 16  # kMaxRows in csrc/step.cpp
 _MAX_GROUP = 64  # query heads per KV head (kMaxGroup in csrc/attention.cpp)
 
 _registrations = [0]  # bumped by the hooks below: any module or parameter registered, in any model
@@ -43,7 +44,7 @@ nn.modules.module.register_module_parameter_registration_hook(_bump)
 @dataclass
 class DecodePlan:
     weights: list[torch.Tensor]  # csrc/step.cpp's layout; the A slots are refilled every step
-    meta: list[int]  # n_heads, n_kv_heads, head_dim, past (set per step), then 4 ints per layer
+    meta: list[int]  # n_heads, n_kv_heads, head_dim, then 4 ints per layer
     eps: list[float]  # the model's norm eps, the Mamba inner norms' eps
     attention: list[bool]  # per layer
     a_slots: list[tuple[int, nn.Module]]  # (index in weights, MambaMixer) of every A
@@ -54,27 +55,30 @@ def decode_step(model, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
     """Logits (B, 1, V) of one new token per row, the cache advanced by one; None if this path
     does not take the inputs (the caller then runs the layers one by one)."""
     bsz, length = input_ids.shape
-    if (length != 1 or not 1 <= bsz <= _MAX_ROWS or torch.is_grad_enabled() or torch.is_tensor(cache.length)
-            or cache.length == 0 or cache.key_mask is not None or not input_ids.is_cpu):
+    if (length != 1 or not 1 <= bsz <= _MAX_ROWS or torch.is_grad_enabled()
+            or getattr(cache, "key_mask", None) is not None or not input_ids.is_cpu):
+        return None
+    ragged = torch.is_tensor(cache.length)  # jambalab.serve.slots.SlotBatch: per-row lengths (B,)
+    past = cache.length.tolist() if ragged else [cache.length] * bsz
+    if min(past) == 0:
         return None
     plan = _plan(model)
     if plan is None:
         return None
-    past = cache.length
     states = []
     for is_attention, st in zip(plan.attention, cache.layers):
-        if is_attention:
-            st.reserve(past + 1)
-            states += (st.k, st.v)
+        if is_attention and ragged:  # SlotRows: one batch-1 AttentionState per row
+            states += [row.k for row in st.states] + [row.v for row in st.states]
+        elif is_attention:
+            st.reserve(past[0] + 1)
+            states += [st.k[r:r + 1] for r in range(bsz)] + [st.v[r:r + 1] for r in range(bsz)]
         else:
             states += (st.conv, st.ssm)
     weights = list(plan.weights)
     for i, mixer in plan.a_slots:
         weights[i] = mixer.A()
-    meta = list(plan.meta)
-    meta[3] = past
     try:
-        logits = ops.decode_step(input_ids[:, 0].long().contiguous(), weights, states, meta, plan.eps)
+        logits = ops.decode_step(input_ids[:, 0].long().contiguous(), weights, states, plan.meta, past, plan.eps)
     except RuntimeError:  # a tensor changed under the plan (e.g. one layer cast to bf16): layer by layer
         model.__dict__.pop("_decode_plan", None)
         return None
@@ -105,7 +109,7 @@ def build_plan(model, key: tuple = ()) -> DecodePlan | _NoPlan:
     ok = ops.decode_step is not None and not cfg.rope and type(model.lm_head) is Linear
     ok = ok and cfg.n_heads // max(cfg.n_kv_heads, 1) <= _MAX_GROUP
     weights = [model.embed.weight, model.norm_f.weight, model.lm_head.weight]
-    meta = [cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, 0]
+    meta = [cfg.n_heads, cfg.n_kv_heads, cfg.head_dim]
     eps = {model.norm_f.eps}
     inner_eps = 0.0
     attention, a_slots = [], []

@@ -42,7 +42,7 @@ CASES = [("tiny-hybrid", {}), ("tiny-mamba", {}), ("tiny-falcon-mamba", {}), ("t
 
 
 @pytest.mark.parametrize("preset,overrides", CASES)
-@pytest.mark.parametrize("bsz", [1, 3])
+@pytest.mark.parametrize("bsz", [1, 3, 8])
 def test_decode_step_equals_the_layer_by_layer_decode(preset, overrides, bsz, monkeypatch):
     needs_kernels()
     model = jambalab.from_preset(preset, seed=0, **overrides).eval()
@@ -72,6 +72,76 @@ def test_decode_step_on_several_threads_equals_one(monkeypatch):
         torch.set_num_threads(threads)
 
 
+def _slot_steps(model, slots, rows: list[int], ids: torch.Tensor, steps: int = 3) -> torch.Tensor:
+    """Greedy-decode `steps` tokens for the given slots as one ragged batch; the logits (steps, R, V)."""
+    logits = []
+    with torch.no_grad():
+        for _ in range(steps):
+            batch = slots.batch(rows)
+            logits.append(model(ids, cache=batch).logits[:, -1])
+            slots.scatter_back(batch, rows)
+            for s in rows:
+                slots.lengths[s] += 1
+            ids = logits[-1].argmax(-1, keepdim=True)
+    return torch.stack(logits)
+
+
+def _filled_slots(model, rows: list[int], n_slots: int = 16):
+    """A SlotCache whose given slots hold prompts of different lengths, each prefilled alone."""
+    from jambalab.serve.slots import SlotCache
+
+    slots = SlotCache(model, n_slots)
+    for i, s in enumerate(rows):
+        slots.open(s, 40)
+        prompt = torch.randint(3, model.config.vocab_size, (1, 3 + 2 * i), generator=torch.Generator().manual_seed(s))
+        prefill(model, prompt, slots.row_cache(s))
+        slots.lengths[s] = prompt.shape[1]
+    return slots
+
+
+def test_sixteen_rows_each_as_if_alone(monkeypatch):
+    """16 ragged rows in one step call (an MoE expert runs once on all its rows): each row's logits
+    and states are bitwise those of the same row stepped alone."""
+    needs_kernels()
+    model = jambalab.from_preset("tiny-hybrid", seed=0).eval()
+    rows = list(range(16))
+    ids = torch.randint(3, 512, (16, 1), generator=torch.Generator().manual_seed(6))
+    calls = _count_calls(monkeypatch)
+    batched = _filled_slots(model, rows)
+    got = _slot_steps(model, batched, rows, ids)
+    alone = _filled_slots(model, rows)
+    for r in rows:
+        want = _slot_steps(model, alone, [r], ids[r:r + 1])
+        assert torch.equal(got[:, r:r + 1], want)
+        for a, b in zip(_states(batched.snapshot(r)), _states(alone.snapshot(r))):
+            assert torch.equal(a, b)
+    assert len(calls) == 3 + 3 * 16
+
+
+@pytest.mark.parametrize("preset", ["tiny-hybrid", "tiny-transformer"])
+def test_a_ragged_slot_batch_equals_the_layer_by_layer_decode(preset, monkeypatch):
+    """The serving engine's SlotBatch: rows at different lengths, each with its own K/V tensors,
+    non-consecutive slots (gathered Mamba rows): one step call, bitwise the layer-by-layer path."""
+    needs_kernels()
+    model = jambalab.from_preset(preset, seed=0).eval()
+    rows = [0, 2, 3, 5, 6, 7]
+    ids = torch.randint(3, 512, (len(rows), 1), generator=torch.Generator().manual_seed(8))
+    results = []
+    for fast in (True, False):
+        slots = _filled_slots(model, rows, n_slots=8)
+        calls = _count_calls(monkeypatch)
+        monkeypatch.setattr(model_module, "decode_step", ds.decode_step if fast else (lambda *a: None))
+        logits = _slot_steps(model, slots, rows, ids)
+        monkeypatch.undo()
+        assert len(calls) == (3 if fast else 0)
+        results.append((logits, [_states(slots.snapshot(s)) for s in rows]))
+    (got, got_states), (want, want_states) = results
+    assert torch.equal(got, want)
+    for a_row, b_row in zip(got_states, want_states):
+        for a, b in zip(a_row, b_row):
+            assert torch.equal(a, b)
+
+
 def _count_calls(monkeypatch):
     calls = []
     real = ops.decode_step
@@ -79,13 +149,13 @@ def _count_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("change", ["rope", "bf16", "grad", "padded", "five_rows", "empty_cache"])
+@pytest.mark.parametrize("change", ["rope", "bf16", "grad", "padded", "seventeen_rows", "empty_cache"])
 def test_what_the_step_does_not_take_decodes_layer_by_layer(change, monkeypatch):
     needs_kernels()
     model = jambalab.from_preset("tiny-mixtral" if change == "rope" else "tiny-hybrid", seed=0).eval()
     if change == "bf16":
         model = model.to(torch.bfloat16)
-    bsz = 5 if change == "five_rows" else 2
+    bsz = 17 if change == "seventeen_rows" else 2
     ids = torch.randint(3, 512, (bsz, 6), generator=torch.Generator().manual_seed(3))
     calls = _count_calls(monkeypatch)
     cache = model.allocate_cache(bsz)

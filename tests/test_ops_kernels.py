@@ -488,9 +488,9 @@ def test_linear_uses_f_linear_for_grads_and_large_inputs(monkeypatch):
     assert calls == []
     fused.linear(torch.randn(2, 16), w.detach())
     assert calls == ["gemv"]
-    x = torch.randn(2, 5, 16)  # 10 rows: the GEMV on blocks of 4, 4 and 2 rows, each row as if alone
+    x = torch.randn(2, 5, 16)  # 10 rows: one GEMV call, each row as if alone
     y = fused.linear(x, w.detach())
-    assert calls == ["gemv"] * 4 and y.shape == (2, 5, 8)
+    assert calls == ["gemv"] * 2 and y.shape == (2, 5, 8)
     rows = torch.cat([fused.linear(r[None], w.detach()) for r in x.reshape(10, 16)]).view(2, 5, 8)
     assert torch.equal(y, rows)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w.detach()), rtol=1e-5, atol=1e-5)
@@ -562,9 +562,9 @@ def _decode_logits(preset: str, bsz: int, monkeypatch, fused_on: bool, steps: in
     monkeypatch.setattr(ops, "decode_fusable", fused.decode_fusable if fused_on else (lambda *a: False))
     monkeypatch.setattr(jambalab.model, "decode_step", lambda *a: None)  # layer by layer (test_decode_step.py: the step)
     model = jambalab.from_preset(preset, seed=0).eval()
-    ids = torch.randint(3, model.config.vocab_size, (bsz, 9), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, model.config.vocab_size, (bsz, 17), generator=torch.Generator().manual_seed(1))
     cache = model.allocate_cache(bsz)
-    logits = [prefill(model, ids, cache)]  # 9 x bsz rows: too many for the decode ops
+    logits = [prefill(model, ids, cache)]  # 17 x bsz rows: too many for the decode ops
     with torch.no_grad():
         for _ in range(steps):
             logits.append(model(logits[-1].argmax(-1, keepdim=True), cache=cache).logits[:, -1])
@@ -572,7 +572,7 @@ def _decode_logits(preset: str, bsz: int, monkeypatch, fused_on: bool, steps: in
 
 
 @pytest.mark.parametrize("preset", ["tiny-hybrid", "tiny-falcon-mamba", "tiny-mixtral", "tiny-transformer"])
-@pytest.mark.parametrize("bsz", [1, 3])
+@pytest.mark.parametrize("bsz", [1, 3, 8])
 def test_whole_layer_decode_ops_equal_the_layer_by_layer_path(preset, bsz, monkeypatch):
     """mamba_decode / mlp_decode / moe_decode run the same kernels in the same order as the model's
     own layer-by-layer decode (their twin): the logits are bitwise equal, and the ops did run."""
@@ -596,7 +596,8 @@ def test_decode_fusable_declines_what_the_ops_do_not_take():
     needs_kernels()
     w = torch.randn(8, 4)
     assert fused.decode_fusable(torch.randn(2, 4), w, None)
-    assert not fused.decode_fusable(torch.randn(5, 4), w)  # more rows than the GEMV kernel takes
+    assert fused.decode_fusable(torch.randn(16, 4), w, None)
+    assert not fused.decode_fusable(torch.randn(17, 4), w)  # more rows than the GEMV kernel takes
     assert not fused.decode_fusable(torch.randn(2, 4).bfloat16(), w.bfloat16())
     assert not fused.decode_fusable(torch.randn(2, 4), w.t())  # not contiguous
     assert not fused.decode_fusable(torch.randn(2, 4), w.requires_grad_())
@@ -607,8 +608,8 @@ def test_decode_fusable_declines_what_the_ops_do_not_take():
 def test_whole_layer_decode_ops_reject_bad_shapes():
     needs_kernels()
     k = cpu.kernels()
-    x = torch.randn(5, 8)
-    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+    x = torch.randn(17, 8)
+    with pytest.raises(RuntimeError, match="1 to 16 rows"):
         k.mlp_decode(x, torch.randn(16, 8), torch.randn(16, 8), torch.randn(8, 16))
     with pytest.raises(RuntimeError, match="top_k must be in 1..4"):
         k.moe_decode(x[:1], torch.randn(4, 8), *torch.randn(2, 4, 16, 8), torch.randn(4, 8, 16), 5)

@@ -253,3 +253,49 @@ def test_a_failing_prefill_fails_that_request_alone(models, engines, monkeypatch
     with pytest.raises(InputError, match="injected failure"):
         hb.result(0)
     assert ha.result(0) == _alone(model, a, 6) and engine.stats()["free_slots"] == engine.config.max_batch
+
+
+# ---- cost-aware chunked prefill -----------------------------------------------------------------
+def test_chunks_deep_into_a_prompt_shrink_to_the_first_chunks_flops(models, engines):
+    """A step prefills at most the estimated FLOPs of a first chunk: once attention over the cached
+    prefix makes a token dear, the chunks get shorter (never longer than chunk_size), each within the
+    budget; the streams decode one token every step meanwhile, and the long request stays exact."""
+    model = models["tiny-transformer", torch.float32]
+    engine = engines(model, max_seq_len=2048)
+    cost = engine.cost
+    assert cost.attention > 0 and cost.linear > 0
+    long_len = 3 * cost.linear // cost.attention  # deep enough that attention dominates a token's cost
+    stream, long_prompt = _prompts([5, long_len], seed=7)
+    s = engine.submit(stream, SamplingParams(max_tokens=600))
+    while len(s.tokens) < 2:
+        engine.step()
+    h = engine.submit(long_prompt, SamplingParams(max_tokens=3))
+    chunks, base = [], engine.stats()["prefill_tokens_computed"]
+    before = 0
+    while h.finish_reason is None:
+        n_stream = len(s.tokens)
+        engine.step()
+        after = engine.stats()["prefill_tokens_computed"] - base  # the long prompt's position
+        chunks.append((before, after))
+        before = after
+        assert len(s.tokens) == n_stream + 1  # no step skipped the stream's decode
+    s.cancel()
+    engine.step()
+    sizes = [b - a for a, b in chunks if b > a]
+    assert sizes[0] == CHUNK and max(sizes) == CHUNK and min(sizes[:-1]) < CHUNK // 2
+    assert all(x >= y for x, y in zip(sizes[:-2], sizes[1:-1]))  # shrinking with depth (the last is the rest)
+    assert all(cost(a, b) <= engine.step_flops for a, b in chunks if b > a)
+    assert sum(sizes) == long_len
+    assert h.tokens == _alone(model, long_prompt, 3, chunk=None)
+
+
+def test_prefill_cost_chunk_end():
+    from jambalab.serve.cost import PrefillCost
+
+    cost = PrefillCost(jambalab.from_preset("tiny-hybrid"))
+    budget = cost(0, 64)
+    assert cost.chunk_end(0, 64, budget) == 64
+    for start in (500, 5_000, 50_000):
+        end = cost.chunk_end(start, 64, budget)
+        assert start < end < start + 64 and cost(start, end) <= budget < cost(start, end + 1)
+    assert cost.chunk_end(10**9, 64, budget) == 10**9 + 1  # never less than one token

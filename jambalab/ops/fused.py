@@ -343,16 +343,15 @@ def dt_softplus(dt: Tensor, bias: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------- linear (GEMV for decoding)
 
-_GEMV_MAX_ROWS = 4  # kMaxRows in gemv.cpp
-# A batched decode step of the serving engine has up to max_batch rows: torch's mm ran 5-16-row
-# products of bench-hybrid's weights ~2.6x slower than the GEMV on 4 rows (aten::mm was 77% of a
-# 5-row step), so up to this many rows the GEMV runs per block of 4 (each row's sum is computed the
-# same way whatever else is in the batch).
-_GEMV_BLOCKED_ROWS = 16
+# kMaxRows in gemv.cpp. A batched decode step of the serving engine has up to max_batch rows:
+# torch's mm ran 5-16-row products of bench-hybrid's weights ~2.6x slower than the GEMV on 4 rows
+# (aten::mm was 77% of a 5-row step). The GEMV reads each weight row once for all R rows, and each
+# row's sum is computed the same way whatever else is in the batch.
+_GEMV_MAX_ROWS = 16
 
 
 def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None) -> Tensor:
-    """F.linear; for decode-sized inputs (<= 16 rows, in blocks of 4; float32, CPU, no autograd) the
+    """F.linear; for decode-sized inputs (<= 16 rows; float32, CPU, no autograd) the
     multithreaded GEMV kernel of gemv.cpp, which reads the weight at the memory bandwidth of all cores. A bf16 or
     fp16 weight goes to lowp.dense_linear (its own GEMV, and fp32 tiles where the CPU has no bf16 GEMM),
     an int8 / 4-bit QuantWeight to lowp.qlinear."""
@@ -361,15 +360,13 @@ def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None) 
     if weight.dtype in (torch.bfloat16, torch.float16) and weight.dim() == 2:
         return lowp.dense_linear(x, weight, bias)
     if (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() >= 1 and weight.dim() == 2
-            and x.shape[-1] == weight.shape[1] > 0 and 0 < x.numel() <= _GEMV_BLOCKED_ROWS * x.shape[-1]
+            and x.shape[-1] == weight.shape[1] > 0 and 0 < x.numel() <= _GEMV_MAX_ROWS * x.shape[-1]
             and x.is_cpu and weight.is_cpu and weight.is_contiguous()
             and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
             and not _needs_grad(x, weight, bias)):
         ops = cpu.kernels()
         if ops is not None:
-            x2 = _f32(x.reshape(-1, x.shape[-1]))  # (R, K)
-            blocks = [ops.gemv(xb, weight, bias) for xb in x2.split(_GEMV_MAX_ROWS)]  # each (<= 4, N)
-            y = blocks[0] if len(blocks) == 1 else torch.cat(blocks)  # (R, N)
+            y = ops.gemv(_f32(x.reshape(-1, x.shape[-1])), weight, bias)  # (R, N)
             return y.view(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
 
@@ -439,14 +436,14 @@ def causal_conv1d_update(
 
 
 # ---------------------------------------------------------------- whole-layer decode steps
-# csrc/decode.cpp: a Mamba mixer, SwiGLU MLP or MoE layer for 1 to 4 rows (decode tokens) in one
+# csrc/decode.cpp: a Mamba mixer, SwiGLU MLP or MoE layer for 1 to 16 rows (decode tokens) in one
 # call, running the same kernels in the same order as the layer-by-layer path of jambalab/model.py,
 # which is their twin (tests/test_ops_kernels.py checks they agree). The model asks
 # decode_fusable() first and takes its own path otherwise; these functions do not fall back.
 
 
 def decode_fusable(x: Tensor, *tensors: Tensor | None) -> bool:
-    """Whether the whole-layer decode ops take these inputs: x (R, d) with 1 <= R <= 4, every
+    """Whether the whole-layer decode ops take these inputs: x (R, d) with 1 <= R <= 16, every
     tensor float32, contiguous and on the CPU, nothing needing a gradient, and the kernels built."""
     if x.dim() != 2 or not 1 <= x.shape[0] <= _GEMV_MAX_ROWS:
         return False
@@ -478,12 +475,13 @@ def moe_decode(x: Tensor, router_w: Tensor, w_gate: Tensor, w_up: Tensor, w_down
     return cpu.kernels().moe_decode(x, router_w, w_gate, w_up, w_down, top_k)
 
 
-def decode_step(ids: Tensor, weights: list[Tensor], states: list[Tensor], meta: list[int],
+def decode_step(ids: Tensor, weights: list[Tensor], states: list[Tensor], meta: list[int], past: list[int],
                 eps: list[float]) -> Tensor:
     """One token per row, ids (R,) -> logits (R, V), through every layer in one kernel call; the
     states (conv/ssm or K/V per layer) are updated in place. The argument layout is csrc/step.cpp's
-    (built by jambalab.decode_step.DecodePlan, which checks the tensors fit once)."""
-    return cpu.kernels().decode_step(ids, weights, states, meta, eps)
+    (built by jambalab.decode_step.DecodePlan, which checks the tensors fit once); past (R,) the
+    tokens each row already holds (its new K/V go there)."""
+    return cpu.kernels().decode_step(ids, weights, states, meta, past, eps)
 
 
 # ---------------------------------------------------------------- cross-entropy (training loss)

@@ -9,8 +9,10 @@ Legend: B running rows in a decode step, V vocab, C chunk_size (prefill tokens p
 One background thread owns the model. Each step it (1) drops cancelled requests, (2) admits
 waiting requests into free slots (resuming each from the deepest prefix-state checkpoint that
 its prompt starts with), (3) decodes one token for every running sequence in ONE batched forward
-(each row attending over its own length), and (4) prefills at most C prompt tokens, in chunks,
-so a long prompt never stalls the running streams for more than one chunk plus one decode step.
+(each row attending over its own length), and (4) prefills one chunk's worth of prompt: at most
+C tokens, and at most the FLOPs of a first chunk of C tokens (a chunk deep into a long prompt
+attends over its cached prefix, so it gets fewer tokens), so a long prompt never stalls the
+running streams for more than about one first chunk plus one decode step.
 
 Exactness: a slot's prefill is the very batch-1 call `generate` makes; decode rows share the
 GEMMs but each row's attention runs the batch-1 kernel over its own keys, so a request's greedy
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from jambalab.errors import ConfigError, InputError, JambalabError
 from jambalab.generate import SamplingParams as _Sampler
 from jambalab.generate import sample_next
+from jambalab.serve.cost import PrefillCost
 from jambalab.serve.prefix_cache import PrefixCache
 from jambalab.serve.slots import SlotCache
 
@@ -77,7 +80,7 @@ class EngineConfig:
     max_batch: int = 8  # slots
     kv_budget_tokens: int | None = None  # total KV tokens over all slots (None: max_batch * max_seq_len)
     max_seq_len: int = 4096  # per request: prompt + max_tokens must fit
-    chunk_size: int = 256  # prefill token budget per step
+    chunk_size: int = 256  # prefill per step: at most this many tokens and the FLOPs of this many at position 0
     prefix_cache_bytes: int = 256 * 2**20  # 0 disables the prefix-state cache
     prefix_checkpoint_every: int = 512
     eviction: str = "marconi"  # or "lru"
@@ -186,6 +189,8 @@ class Engine:
         self.slots = SlotCache(model, self.config.max_batch)
         self.prefix = (PrefixCache(model, self.config.prefix_cache_bytes, self.config.eviction)
                        if self.config.prefix_cache_bytes > 0 else None)
+        self.cost = PrefillCost(model)
+        self.step_flops = self.cost(0, self.config.chunk_size)  # one step's prefill budget: a first chunk
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: deque[_Request] = deque()
@@ -385,19 +390,22 @@ class Engine:
             self._emit_next(req, logits[b])
 
     def _prefill(self) -> None:
-        """At most chunk_size prompt tokens this step, oldest request first, each chunk a batch-1 call.
+        """One chunk's worth of prefill this step, oldest request first, each chunk a batch-1 call.
 
-        A request's chunks are [0, C), [C, 2C), ... as `generate(..., chunk_size=C)` makes them (cut
-        only at its checkpoint positions): a chunk that does not fit the step's remaining budget
-        waits for the next step rather than being split, so the numerics never depend on the batch."""
-        budget = self.config.chunk_size
+        The step's budget is the FLOPs of a first chunk (chunk_size tokens, no cached prefix). A
+        request's chunks are cut by chunk_end(): at most chunk_size tokens and at most that budget
+        (deep into a long prompt, attention over the cached prefix makes a token dearer, so chunks
+        shrink), and at its checkpoint positions. The cut depends on the position only, never on
+        the batch; a chunk that does not fit the step's remaining budget waits for the next step."""
+        budget = self.step_flops
         for slot in sorted(self._running, key=lambda s: self._running[s].seq):
             req = self._running[slot]
             while req.prefilling and not req.cancelled:
-                end = min(len(req.prompt), req.fed + self.config.chunk_size)
+                end = self.chunk_end(req.fed, len(req.prompt))
                 marks = [m for m in req.checkpoints if req.fed < m < end]
                 end = marks[0] if marks else end
-                if end - req.fed > budget:
+                cost = self.cost(req.fed, end)
+                if cost > budget and budget < self.step_flops:  # a step always runs its first chunk
                     return
                 ids = torch.tensor([req.prompt[req.fed:end]], device=self.slots.device)  # (1, c)
                 try:
@@ -406,7 +414,7 @@ class Engine:
                     self._finish(req, TokenEvent(None, None, None, "error", f"{type(e).__name__}: {e}"))
                     break
                 self.slots.lengths[slot] += end - req.fed
-                budget -= end - req.fed
+                budget -= cost
                 self._counters["prefill_tokens_computed"] += end - req.fed
                 req.fed = end
                 if end in req.checkpoints or end == len(req.prompt):
@@ -415,6 +423,11 @@ class Engine:
                     self._emit_next(req, logits)
             if budget <= 0:
                 return
+
+    def chunk_end(self, start: int, prompt_len: int) -> int:
+        """Where the prefill chunk starting at `start` ends (before checkpoint cuts): chunk_size
+        tokens while a token is cheap, fewer once attention over the cached prefix makes one dear."""
+        return min(prompt_len, self.cost.chunk_end(start, self.config.chunk_size, self.step_flops))
 
     def _checkpoint(self, tokens: list[int], slot: int) -> None:
         """Save the slot's state under `tokens` in the prefix cache (copied only if it can be kept)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from jambalab.cache import HybridCache
+from jambalab.serve.cost import PrefillCost
 
 
 @dataclass
@@ -39,12 +40,8 @@ class _Node:
 
 class PrefixCache:
     def __init__(self, model, budget_bytes: int, eviction: str = "marconi", alpha: float = 1.0):
-        cfg = model.config
         self.budget, self.eviction, self.alpha = budget_bytes, eviction, alpha
-        # FLOPs to prefill token t: 2 x active parameters, plus QK^T and AV over t keys in each attention layer.
-        self._linear_flops = 2 * model.num_active_parameters()
-        n_attn = sum(cfg.is_attention(i) for i in range(cfg.n_layers))
-        self._attn_flops = 4 * n_attn * cfg.n_heads * cfg.head_dim
+        self._cost = PrefillCost(model)
         self.root = _Node((), 0)
         self._clock = 0
         self.lookups = self.hits = self.tokens_reused = self.bytes = self.evictions = self.checkpoints = 0
@@ -171,8 +168,7 @@ class PrefixCache:
         a = node.parent
         while a is not None and a.state is None:
             a = a.parent
-        start, end = (a.depth if a is not None else 0), node.depth
-        return self._linear_flops * (end - start) + self._attn_flops * (end * end - start * start) / 2
+        return self._cost(a.depth if a is not None else 0, node.depth)
 
     def _prune(self, node: _Node) -> None:
         """Drop stateless leaves up the tree, and fold a stateless node with one child into it."""

@@ -1,6 +1,6 @@
 // One decode token through a whole Mamba mixer, SwiGLU MLP or MoE layer in a single op call.
 //
-// Legend: R rows (a batch of one-token decodes, R <= 4), d d_model, D d_inner, N d_state,
+// Legend: R rows (a batch of one-token decodes, R <= 16), d d_model, D d_inner, N d_state,
 // Rk dt_rank, E experts, F d_ff, k top_k.
 //
 // Why: a decode token of bench-hybrid (d_model 256) is ~75 GEMVs and ~600 small torch ops; at
@@ -33,7 +33,7 @@ at::Tensor cols(const at::Tensor& t, int64_t start, int64_t width) {
 void check_rows(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), op,
               ": x must be contiguous float32 (R, d), got ", x.sizes(), " ", x.scalar_type());
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 4, op, ": 1 to 4 rows, got ", x.size(0));
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 16, op, ": 1 to 16 rows, got ", x.size(0));
 }
 
 // silu(gate) * up, in place in gate (model.swiglu without autograd).
@@ -77,15 +77,16 @@ at::Tensor mamba_decode(const at::Tensor& x, const at::Tensor& in_w, const OptT&
   return jambalab::gemv(y, out_w, out_b);
 }
 
-// MLP.forward for R <= 4 rows.
+// MLP.forward for R <= 16 rows.
 at::Tensor mlp_decode(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down) {
   check_rows(x, "mlp_decode");
   return swiglu_mlp(x, w_gate, w_up, w_down);
 }
 
-// MoE.forward for R <= 4 rows: softmax router, top-k weights not renormalised; each row runs its
-// k experts and sums them in ascending expert order (as MoE.dispatch's index_add_ over slots
-// sorted by expert). Returns (y (R, d), router_logits (R, E)).
+// MoE.forward for R <= 16 rows: softmax router, top-k weights not renormalised; each row sums its
+// k experts in ascending expert order (as MoE.dispatch's index_add_ over slots sorted by expert).
+// Each expert runs once on all the rows routed to it (its weights read once a step); silu runs per
+// row, so a row's output is what it would be alone. Returns (y (R, d), router_logits (R, E)).
 std::tuple<at::Tensor, at::Tensor> moe_decode(const at::Tensor& x, const at::Tensor& router_w,
                                               const at::Tensor& w_gate, const at::Tensor& w_up,
                                               const at::Tensor& w_down, int64_t top_k) {
@@ -97,25 +98,39 @@ std::tuple<at::Tensor, at::Tensor> moe_decode(const at::Tensor& x, const at::Ten
               ", ", w_up.sizes(), ", ", w_down.sizes());
   TORCH_CHECK(top_k >= 1 && top_k <= w_gate.size(0), "moe_decode: top_k must be in 1..", w_gate.size(0), ", got ",
               top_k);
+  const int64_t R = x.size(0), E = w_gate.size(0);
   const at::Tensor logits = jambalab::gemv(x, router_w, std::nullopt);  // (R, E)
   const auto [weights, experts] = at::topk(at::softmax(logits, -1, at::kFloat), top_k, -1);  // (R, k) each
   const auto ids = experts.accessor<int64_t, 2>();
+  std::vector<at::Tensor> ye(R * top_k);  // row r's k-th choice, (1, d)
+  for (int64_t e = 0; e < E; ++e) {
+    std::vector<int64_t> slots;  // r * top_k + k of the choices of expert e
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t k = 0; k < top_k; ++k)
+        if (ids[r][k] == e) slots.push_back(r * top_k + k);
+    if (slots.empty()) continue;
+    std::vector<int64_t> rows(slots.size());
+    for (size_t i = 0; i < slots.size(); ++i) rows[i] = slots[i] / top_k;
+    const at::Tensor xe = x.index_select(0, at::tensor(rows, at::kLong));  // (n, d)
+    at::Tensor gate = jambalab::gemv(xe, w_gate.select(0, e), std::nullopt);
+    const at::Tensor up = jambalab::gemv(xe, w_up.select(0, e), std::nullopt);
+    for (size_t i = 0; i < slots.size(); ++i) swiglu_(gate.narrow(0, i, 1), up.narrow(0, i, 1));
+    const at::Tensor out = jambalab::gemv(gate, w_down.select(0, e), std::nullopt);  // (n, d)
+    for (size_t i = 0; i < slots.size(); ++i) ye[slots[i]] = out.narrow(0, i, 1);
+  }
   std::vector<at::Tensor> rows;
-  for (int64_t r = 0; r < x.size(0); ++r) {
-    const at::Tensor xr = x.narrow(0, r, 1);  // (1, d), contiguous
+  for (int64_t r = 0; r < R; ++r) {
     std::vector<int64_t> order(top_k);
     std::iota(order.begin(), order.end(), 0);
     std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[r][a] < ids[r][b]; });
     at::Tensor out;
     for (const int64_t k : order) {
-      const int64_t e = ids[r][k];
-      const at::Tensor y = swiglu_mlp(xr, w_gate.select(0, e), w_up.select(0, e), w_down.select(0, e))
-                               .mul(weights.select(0, r).select(0, k));
+      const at::Tensor y = ye[r * top_k + k].mul(weights.select(0, r).select(0, k));
       out = out.defined() ? out.add(y) : y;
     }
     rows.push_back(out);
   }
-  return {x.size(0) == 1 ? rows[0] : at::cat(rows), logits};
+  return {R == 1 ? rows[0] : at::cat(rows), logits};
 }
 
 }  // namespace

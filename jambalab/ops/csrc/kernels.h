@@ -13,7 +13,7 @@
 
 namespace jambalab {
 
-// gemv.cpp: y (R, N) = x (R, K) @ weight (N, K)^T + bias, R <= 4, float32.
+// gemv.cpp: y (R, N) = x (R, K) @ weight (N, K)^T + bias, R <= 16, float32.
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 // gemv.cpp: RMSNorm over the last dim, float32 (HF's op order).
 at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps);

@@ -1,5 +1,6 @@
 // A whole decode step, all layers, in one op call: token ids (R,) -> logits (R, V), the cache's
-// states updated in place. Float32, CPU, 1 to 4 rows, one new token each, no padding.
+// states updated in place. Float32, CPU, 1 to 16 rows, one new token each, no padding; each row
+// at its own position (past[r] cached tokens: a plain batch or the serving engine's ragged slots).
 //
 // Legend: R rows, d d_model, D d_inner, N d_state, Rk dt_rank, Kc d_conv, H heads, Hk KV heads,
 // hd head_dim, S attended keys, E experts, F d_ff, V vocab.
@@ -13,6 +14,8 @@
 //   layer-by-layer path (jambalab/model.py through mamba_decode / mlp_decode / moe_decode /
 //   decode_attention, its twin), so the logits are bitwise the same; only silu, the router's
 //   softmax and top-k call ATen (on the same shapes as that path, for the same bits);
+// - every GEMV reads its weight once for all R rows (gemv_outputs), and an MoE layer runs each
+//   expert once on the rows routed to it: a batch of 8 rows reads about what 1 row reads;
 // - work is shared through StepPool: a job is split into small tasks that threads *claim*; the
 //   caller claims too and waits only for tasks another thread has started, never for a thread
 //   that is not running. A job below kParallelBytes of weights runs on the caller alone, and so
@@ -182,25 +185,43 @@ struct Step {
   }
 
   // MoE.forward / moe_decode: softmax router, top-k not renormalised, experts summed in ascending id order.
+  // Each expert runs once on the rows routed to it (its weights read once); a row's output is what
+  // moe_decode computes for it alone (the GEMV's rows are independent, silu runs per row as there).
   void moe(const float* x, const at::Tensor* w, int64_t top_k, int64_t d, float* y) const {
     const at::Tensor &router = w[0], &wg = w[1], &wu = w[2], &wd = w[3];
-    const int64_t E = router.size(0);
+    const int64_t E = router.size(0), F = wg.size(1);
     at::Tensor logits = at::empty({R, E}, at::TensorOptions().dtype(at::kFloat));
     gemv(x, router, nullptr, logits.data_ptr<float>());
     const auto [weights, experts] = at::topk(at::softmax(logits, -1, at::kFloat), top_k, -1);  // (R, k)
     const auto ids = experts.accessor<int64_t, 2>();
     const auto wts = weights.accessor<float, 2>();
-    std::vector<float> ye(d);
+    std::vector<float> ye(R * top_k * d);  // row r's k-th choice at (r * top_k + k) * d
+    std::vector<float> xe, g, u, out;
+    std::vector<int64_t> slots;
+    for (int64_t e = 0; e < E; ++e) {
+      slots.clear();
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t k = 0; k < top_k; ++k)
+          if (ids[r][k] == e) slots.push_back(r * top_k + k);
+      if (slots.empty()) continue;
+      const int64_t n = static_cast<int64_t>(slots.size());
+      xe.resize(n * d), g.resize(n * F), u.resize(n * F), out.resize(n * d);
+      for (int64_t i = 0; i < n; ++i) std::memcpy(xe.data() + i * d, x + slots[i] / top_k * d, d * 4);
+      Step some = *this;
+      some.R = n;
+      some.gemv(xe.data(), wg.select(0, e), nullptr, g.data());
+      some.gemv(xe.data(), wu.select(0, e), nullptr, u.data());
+      for (int64_t i = 0; i < n; ++i) swiglu(g.data() + i * F, u.data() + i * F, 1, F);
+      some.gemv(g.data(), wd.select(0, e), nullptr, out.data());
+      for (int64_t i = 0; i < n; ++i) std::memcpy(ye.data() + slots[i] * d, out.data() + i * d, d * 4);
+    }
     for (int64_t r = 0; r < R; ++r) {
       std::vector<int64_t> order(top_k);
       for (int64_t k = 0; k < top_k; ++k) order[k] = k;
       std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[r][a] < ids[r][b]; });
-      float* out = y + r * d;
       for (int64_t j = 0; j < top_k; ++j) {
-        const int64_t k = order[j], e = ids[r][k];
-        const float wk = wts[r][k];
-        mlp(x + r * d, 1, wg.select(0, e), wu.select(0, e), wd.select(0, e), ye.data());
-        add_scaled(out, ye.data(), wk, d, j == 0);
+        const int64_t k = order[j];
+        add_scaled(y + r * d, ye.data() + (r * top_k + k) * d, wts[r][k], d, j == 0);
       }
     }
   }
@@ -254,34 +275,43 @@ struct Step {
     gemv(yy.data(), out_w, ptr(w[13]), y);
   }
 
-  // Attention decode: q, k, v projections, the new K/V written at `past`, decode attention over
-  // past + 1 keys, o_proj. k_cache, v_cache (R, Hk, capacity, hd).
-  void attention(const float* x, const at::Tensor* w, int64_t H, int64_t Hk, int64_t hd, int64_t past,
-                 at::Tensor& k_cache, at::Tensor& v_cache, float* y) const {
+  // Attention decode: q, k, v projections, row r's new K/V written at past[r] of its own cache,
+  // decode attention over its past[r] + 1 keys (decode_attention on that row alone), o_proj.
+  // k_rows[r], v_rows[r]: (1, Hk, capacity_r, hd).
+  void attention(const float* x, const at::Tensor* w, int64_t H, int64_t Hk, int64_t hd, const int64_t* past,
+                 const at::Tensor* k_rows, const at::Tensor* v_rows, float* y) const {
     std::vector<float> q(R * H * hd), k(R * Hk * hd), v(R * Hk * hd), o(R * H * hd);
     gemv(x, w[0], nullptr, q.data());
     gemv(x, w[1], nullptr, k.data());
     gemv(x, w[2], nullptr, v.data());
-    float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
-    const int64_t sb = k_cache.stride(0), sh = k_cache.stride(1), ss = k_cache.stride(2);
+    std::vector<jambalab::DecodeAttention> att(R);
+    std::vector<int64_t> first(R + 1, 0);  // row r's tasks are [first[r], first[r + 1])
+    int64_t kv_bytes = 0;
     for (int64_t r = 0; r < R; ++r) {
+      float *kc = k_rows[r].data_ptr<float>(), *vc = v_rows[r].data_ptr<float>();
+      const int64_t sb = k_rows[r].stride(0), sh = k_rows[r].stride(1), ss = k_rows[r].stride(2);
       for (int64_t h = 0; h < Hk; ++h) {
-        std::memcpy(kc + r * sb + h * sh + past * ss, k.data() + (r * Hk + h) * hd, hd * 4);
-        std::memcpy(vc + r * sb + h * sh + past * ss, v.data() + (r * Hk + h) * hd, hd * 4);
+        std::memcpy(kc + h * sh + past[r] * ss, k.data() + (r * Hk + h) * hd, hd * 4);
+        std::memcpy(vc + h * sh + past[r] * ss, v.data() + (r * Hk + h) * hd, hd * 4);
       }
+      jambalab::DecodeAttention& a = att[r];
+      a.B = 1, a.H = H, a.Hk = Hk, a.S = past[r] + 1, a.hd = hd;
+      a.k = {kc, sb, sh, ss};
+      a.v = {vc, sb, sh, ss};
+      a.prepare(q.data() + r * H * hd);
+      first[r + 1] = first[r] + a.tasks();
+      kv_bytes += 8 * Hk * a.S * hd;
     }
-    jambalab::DecodeAttention att;
-    att.B = R, att.H = H, att.Hk = Hk, att.S = past + 1, att.hd = hd;
-    att.k = {kc, sb, sh, ss};
-    att.v = {vc, sb, sh, ss};
-    att.prepare(q.data());
-    const int64_t kv_bytes = 8 * R * Hk * att.S * hd;
+    const auto run = [&](int64_t t) {
+      const int64_t r = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+      att[r].run(t - first[r]);
+    };
     if (threads > 1 && kv_bytes >= kParallelBytes) {
-      par(att.tasks(), [&](int64_t t) { att.run(t); });
+      par(first[R], run);
     } else {
-      for (int64_t t = 0; t < att.tasks(); ++t) att.run(t);
+      for (int64_t t = 0; t < first[R]; ++t) run(t);
     }
-    att.merge(o.data());
+    for (int64_t r = 0; r < R; ++r) att[r].merge(o.data() + r * H * hd);
     gemv(o.data(), w[3], nullptr, y);
   }
 };
@@ -289,18 +319,26 @@ struct Step {
 constexpr int kGlobal = 3;   // embed, norm_f, lm_head
 constexpr int kSlots = 20;   // per layer: norm1, norm2, 14 mixer slots, 4 FFN slots
 constexpr int kMixer = 2, kFfn = 16;
-constexpr int kMeta = 4;     // n_heads, n_kv_heads, head_dim, past
+constexpr int kMeta = 3;     // n_heads, n_kv_heads, head_dim
 constexpr int kLayerMeta = 4;  // mixer (0 Mamba, 1 attention), ffn (0 none, 1 MLP, 2 MoE), top_k, inner_norm
 
+constexpr int kMaxRows = 16;
+
+// states: per Mamba layer conv (R, D, Kc) and ssm (R, D, N); per attention layer R K caches then R
+// V caches, each (1, Hk, capacity, hd). past (R,): the tokens each row already holds.
 at::Tensor decode_step(const at::Tensor& ids, at::TensorList weights, at::TensorList states, at::IntArrayRef meta,
-                       at::ArrayRef<double> eps) {
-  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.size(0) >= 1 && ids.size(0) <= 4,
-              "decode_step: ids must be int64 (R,) with 1 <= R <= 4, got ", ids.sizes());
+                       at::IntArrayRef past, at::ArrayRef<double> eps) {
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.size(0) >= 1 && ids.size(0) <= kMaxRows,
+              "decode_step: ids must be int64 (R,) with 1 <= R <= ", kMaxRows, ", got ", ids.sizes());
+  TORCH_CHECK(static_cast<int64_t>(past.size()) == ids.size(0), "decode_step: past must hold one length per row");
   TORCH_CHECK(meta.size() >= kMeta && (meta.size() - kMeta) % kLayerMeta == 0 && eps.size() == 2,
               "decode_step: bad meta");
   const int64_t L = (meta.size() - kMeta) / kLayerMeta;
-  TORCH_CHECK(weights.size() == static_cast<size_t>(kGlobal + kSlots * L) && states.size() == static_cast<size_t>(2 * L),
-              "decode_step: ", L, " layers need ", kGlobal + kSlots * L, " weights and ", 2 * L, " states");
+  const int64_t R = ids.size(0);
+  int64_t n_states = 0;
+  for (int64_t i = 0; i < L; ++i) n_states += meta[kMeta + kLayerMeta * i] == 1 ? 2 * R : 2;
+  TORCH_CHECK(weights.size() == static_cast<size_t>(kGlobal + kSlots * L) && states.size() == static_cast<size_t>(n_states),
+              "decode_step: ", L, " layers need ", kGlobal + kSlots * L, " weights and ", n_states, " states");
   int64_t bytes = 0;
   for (const at::Tensor& t : weights) {
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
@@ -309,11 +347,11 @@ at::Tensor decode_step(const at::Tensor& ids, at::TensorList weights, at::Tensor
   }
   for (const at::Tensor& t : states)
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu() && t.dim() >= 3 &&
-                    t.size(0) == ids.size(0),
+                    (t.size(0) == R || (t.dim() == 4 && t.size(0) == 1)),
                 "decode_step: states must be contiguous float32 CPU tensors of the batch's rows");
   const at::Tensor &embed = weights[0], &lm_head = weights[2];
-  const int64_t R = ids.size(0), d = embed.size(1), V = lm_head.size(0);
-  const int64_t H = meta[0], Hk = meta[1], hd = meta[2], past = meta[3];
+  const int64_t d = embed.size(1), V = lm_head.size(0);
+  const int64_t H = meta[0], Hk = meta[1], hd = meta[2];
   const float norm_eps = static_cast<float>(eps[0]), inner_eps = static_cast<float>(eps[1]);
 
   Step step;
@@ -325,15 +363,23 @@ at::Tensor decode_step(const at::Tensor& ids, at::TensorList weights, at::Tensor
     TORCH_CHECK(id[r] >= 0 && id[r] < embed.size(0), "decode_step: token id ", id[r], " out of range");
     std::memcpy(h.data() + r * d, embed.data_ptr<float>() + id[r] * d, d * 4);
   }
-  for (int64_t i = 0; i < L; ++i) {
+  for (int64_t i = 0, si = 0; i < L; ++i) {
     const at::Tensor* w = &weights[kGlobal + kSlots * i];
     const int64_t* lm = &meta[kMeta + kLayerMeta * i];
-    at::Tensor s0 = states[2 * i], s1 = states[2 * i + 1];
     jambalab::rms_norm_rows(h.data(), ptr(w[0]), xn.data(), R, d, norm_eps);
     if (lm[0] == 1) {
-      step.attention(xn.data(), w + kMixer, H, Hk, hd, past, s0, s1, y.data());
+      for (int64_t r = 0; r < R; ++r) {
+        const at::Tensor &kr = states[si + r], &vr = states[si + R + r];
+        TORCH_CHECK(kr.dim() == 4 && kr.size(1) == Hk && kr.size(3) == hd && vr.sizes() == kr.sizes() &&
+                        past[r] >= 0 && past[r] < kr.size(2),
+                    "decode_step: row ", r, "'s K/V cache ", kr.sizes(), " has no room at position ", past[r]);
+      }
+      step.attention(xn.data(), w + kMixer, H, Hk, hd, past.data(), &states[si], &states[si + R], y.data());
+      si += 2 * R;
     } else {
-      step.mamba(xn.data(), w + kMixer, lm[3] != 0, inner_eps, s0, s1, y.data());
+      at::Tensor conv = states[si], ssm = states[si + 1];
+      step.mamba(xn.data(), w + kMixer, lm[3] != 0, inner_eps, conv, ssm, y.data());
+      si += 2;
     }
     for (int64_t j = 0; j < R * d; ++j) h[j] = h[j] + y[j];
     if (lm[1] == 0) continue;
@@ -354,7 +400,7 @@ at::Tensor decode_step(const at::Tensor& ids, at::TensorList weights, at::Tensor
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(jambalab_kernels, m) {
-  m.def("decode_step(Tensor ids, Tensor[] weights, Tensor(a!)[] states, int[] meta, float[] eps) -> Tensor");
+  m.def("decode_step(Tensor ids, Tensor[] weights, Tensor(a!)[] states, int[] meta, int[] past, float[] eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(jambalab_kernels, CPU, m) {
