@@ -82,6 +82,15 @@ def test_activation_quantizer_rounds_each_block_to_int8():
     assert (err <= d[..., None] / 2 * (1 + 1e-6)).all()  # round to nearest
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out", [torch.float32, torch.bfloat16])
+def test_act_round_is_exactly_its_twin(x_dtype, out):
+    x = (torch.randn(37, 192) * torch.rand(37, 192) * 3).to(x_dtype)
+    x[5, 32:64] = 0
+    got = cpu.kernels().act_round(x, out)
+    assert got.dtype == out and torch.equal(got, fake_quant_act(x).to(out))
+
+
 @pytest.fixture
 def float_activations():
     set_activations("float")

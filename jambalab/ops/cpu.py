@@ -10,7 +10,7 @@ versions and this CPU's model and feature flags: a `-march=native` binary is
 never reused on another CPU, and a cached one loads without ninja or a compiler.
 Its ops live in `torch.ops.jambalab_kernels` (scan_fwd, scan_bwd,
 state_update, conv_update, conv_fwd, conv_bwd, dt_softplus_fwd/bwd, gemv, rms_norm, mamba_decode, mlp_decode,
-moe_decode, decode_step, ce_fwd, ce_bwd, ce_bwd_, decode_attention, wgemv, wgemv_a8, a8_native, dequant); jambalab/ops/fused.py
+moe_decode, decode_step, ce_fwd, ce_bwd, ce_bwd_, decode_attention, wgemv, wgemv_a8, act_round, a8_native, dequant); jambalab/ops/fused.py
 and jambalab/ops/lowp.py wrap them.
 
 `kernels()` tries once per process. If the build fails it warns once and
@@ -152,13 +152,16 @@ def _register_fakes() -> None:
     def wgemv_a8(x, weight, scales, group_size, bias):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    def act_round(x, dtype):
+        return x.new_empty(x.shape, dtype=dtype)
+
     def dequant(weight, scales, group_size, lo, hi, dtype):
         k = weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
         return weight.new_empty(hi - lo, k, dtype=dtype)
 
     for fn in (scan_fwd, scan_bwd, state_update, conv_update, conv_fwd, conv_bwd, dt_softplus_fwd, dt_softplus_bwd,
                gemv, rms_norm, mamba_decode, mlp_decode, moe_decode, decode_step, ce_fwd, ce_bwd, ce_bwd_, decode_attention, wgemv, wgemv_a8,
-               dequant):
+               act_round, dequant):
         torch.library.register_fake(f"{_LIB}::{fn.__name__}", fn)
 
 

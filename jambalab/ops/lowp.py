@@ -103,8 +103,8 @@ def qlinear(x: Tensor, qw: QuantWeight, bias: Tensor | None = None) -> Tensor:
         return ops.dequant(qw.data, qw.scales, qw.group_size, lo, hi, dtype)
 
     if int8_activations(qw):  # the activations decode's wgemv_a8 sees: rounded to int8 per block of 32
-        y = _tiled(fake_quant_act(x).to(dtype), qw.out_features, tile, qw.in_features * dtype.itemsize, bias)
-        return y.to(x.dtype)
+        xr = ops.act_round(x.reshape(-1, x.shape[-1]).contiguous(), dtype).view(x.shape)  # twin: fake_quant_act
+        return _tiled(xr, qw.out_features, tile, qw.in_features * dtype.itemsize, bias).to(x.dtype)
     return _tiled(x, qw.out_features, tile, qw.in_features * dtype.itemsize, bias)
 
 

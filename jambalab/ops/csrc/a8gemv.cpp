@@ -5,6 +5,7 @@
 //   d = max|x| / 127, q = round(x / d) in [-127, 127] (llama.cpp's Q8_0 activations); then
 //     y[r, o] = sum_b d_x[r, b] * s[o, g(b)] * sum_{k in b} q_x[r, k] * q_w[o, k]
 //   with the inner sums exact in int32. K and G are multiples of 32.
+// - act_round: x rounded that way, as fp32 or bf16 (the prefill GEMM's input in this mode);
 // - a8_native: whether this build has a SIMD kernel (AVX512-VNNI vpdpbusd, or AVX2 vpmaddubsw), not
 //   the portable loop.
 //
@@ -371,13 +372,49 @@ at::Tensor wgemv_a8(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+// x (M, K) rounded as wgemv_a8 rounds it (q * d per block of 32), in fp32 or bf16: what the prefill GEMM
+// multiplies in the int8-activation mode. One pass, rows over the threads (the twin, fake_quant_act, is a
+// dozen torch ops: a noticeable cost for the MoE's many small per-expert products).
+at::Tensor act_round(const at::Tensor& x, at::ScalarType dtype) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % kBlock == 0 &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "act_round: x must be contiguous fp32 or bf16 (M, K), K a multiple of ", kBlock, ", got ", x.sizes(), " ",
+              x.scalar_type());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "act_round: fp32 or bf16 output, got ", dtype);
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor out = at::empty({M, K}, x.options().dtype(dtype));
+  const float* xp = xf.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t lo, int64_t hi) {
+    std::vector<float> row(K);
+    int8_t q[kBlock];
+    for (int64_t m = lo; m < hi; ++m) {
+      for (int64_t b = 0; b < K; b += kBlock) {
+        const float d = quantize_block(xp + m * K + b, q);
+        for (int i = 0; i < kBlock; ++i) row[b + i] = static_cast<float>(q[i]) * d;
+      }
+      if (dtype == at::kFloat) {
+        std::memcpy(out.data_ptr<float>() + m * K, row.data(), K * sizeof(float));
+      } else {
+        c10::BFloat16* dst = out.data_ptr<c10::BFloat16>() + m * K;
+        for (int64_t k = 0; k < K; ++k) dst[k] = c10::BFloat16(row[k]);  // round to nearest even, as .to(bf16)
+      }
+    }
+  });
+  return out;
+}
+
 bool a8_native() { return kSimd; }
 
 }  // namespace jambalab
 
 TORCH_LIBRARY_FRAGMENT(jambalab_kernels, m) {
   m.def("wgemv_a8(Tensor x, Tensor weight, Tensor scales, int group_size, Tensor? bias) -> Tensor");
+  m.def("act_round(Tensor x, ScalarType dtype) -> Tensor");
   m.def("a8_native() -> bool", &jambalab::a8_native);
 }
 
-TORCH_LIBRARY_IMPL(jambalab_kernels, CPU, m) { m.impl("wgemv_a8", &jambalab::wgemv_a8); }
+TORCH_LIBRARY_IMPL(jambalab_kernels, CPU, m) {
+  m.impl("wgemv_a8", &jambalab::wgemv_a8);
+  m.impl("act_round", &jambalab::act_round);
+}
