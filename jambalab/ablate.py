@@ -113,7 +113,7 @@ TOKENS_PER_STEP = {"mqar": 2048, "needle": 1024, "passkey": 2048, "lm": 2048}
 NEEDLE_GRID = "attention,mamba,hybrid-1:7"  # the needle task's default runs: the paper's Fig. 4 comparison
 LM_SEQ_LEN = 256
 # Training tokens per run by default: what the grid's budget is, the same on every machine.
-DEFAULT_TOKENS = {"mqar": 2_000_000, "needle": 2_400_000, "passkey": 2_000_000, "lm": 2_000_000}
+DEFAULT_TOKENS = {"mqar": 2_000_000, "needle": 4_800_000, "passkey": 2_000_000, "lm": 2_000_000}
 
 
 @dataclass
