@@ -72,7 +72,7 @@ def torch_dtype(args: argparse.Namespace):
 
 def apply_precision(model, args: argparse.Namespace):
     """A float model (a preset, random weights) cast to --dtype and quantized per --int8 / --int4."""
-    _check_precision_args(args)
+    _precision_flags(args)
     if torch_dtype(args) is not None:
         model = model.to(torch_dtype(args))
     if getattr(args, "quantize", None):
@@ -89,7 +89,7 @@ def load_model(args: argparse.Namespace):
     import jambalab
 
     if getattr(args, "model", None):
-        _check_precision_args(args)
+        _precision_flags(args)
         return jambalab.from_pretrained(args.model, dtype=torch_dtype(args), quantize=getattr(args, "quantize", None),
                                         group_size=getattr(args, "group_size", None)).eval()
     if getattr(args, "preset", None):
@@ -99,11 +99,11 @@ def load_model(args: argparse.Namespace):
     return apply_precision(model.eval(), args)
 
 
-def _check_precision_args(args: argparse.Namespace) -> None:
+def _precision_flags(args: argparse.Namespace) -> None:
+    """Check the precision flags, then set --activations for the process (a global mode of jambalab.quant)."""
     from jambalab.errors import InputError
     from jambalab.quant import set_activations
 
-    set_activations(getattr(args, "activations", "int8"))
-
     if getattr(args, "group_size", None) is not None and not getattr(args, "quantize", None):
         raise InputError("--group-size goes with --int8 or --int4")
+    set_activations(getattr(args, "activations", "int8"))

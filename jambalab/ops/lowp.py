@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from jambalab.ops import cpu
-from jambalab.ops.quant_ref import (QuantWeight, activations, dequant_ref, fake_quant_act, int8_activations, qlinear_ref,
-                                    set_activations, wgemv_a8_ref, wgemv_ref)
+from jambalab.ops.quant_ref import (QuantWeight, activations, dequant_ref, int8_activations, qlinear_ref, set_activations,
+                                    wgemv_a8_ref, wgemv_ref)
 
 DECODE_ROWS = 4  # kMaxRows in qgemv.cpp
 # Up to this many rows (a batched decode step of the serving engine), a quantized matmul runs the GEMV

@@ -108,7 +108,7 @@ QuantX quantize_x(const float* x, int64_t R, int64_t K, bool int4) {
   if (!kNative) return a;
   a.qs.assign(R * a.steps * st.weights, 0);
   a.dv.assign(R * a.steps * kLanes, 0.0f);
-  a.off.assign(R * a.steps * kLanes, 0);
+  if (int4) a.off.assign(R * a.steps * kLanes, 0);
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t s = 0; s < a.steps; ++s) {
       int8_t* qs = a.qs.data() + (r * a.steps + s) * st.weights;
@@ -120,8 +120,9 @@ QuantX quantize_x(const float* x, int64_t R, int64_t K, bool int4) {
         const int64_t k = s * st.weights + st.k_of(4 * l);  // the first value of lane l (register 0)
         const int64_t at = (r * a.steps + s) * kLanes + l;
         a.dv[at] = k < K ? a.d[r * K / kBlock + k / kBlock] : 0.0f;
+        if (!int4) continue;
         int32_t sum = 0;
-        for (int p = 4 * l; p < 4 * l + 4; ++p) sum += qs[p] + (int4 ? qs[64 + p] : 0);
+        for (int p = 4 * l; p < 4 * l + 4; ++p) sum += qs[p] + qs[64 + p];
         a.off[at] = -8 * sum;
       }
     }
