@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,13 +43,33 @@ def _one_process(out: Path, corpus: Path, max_steps: int = STEPS, resume: bool =
     Trainer(None if resume else cfg, args, DataSpec(source=str(corpus)), out, resume=resume, log=lambda m: None).run()
 
 
+# Loaded by every Python process of the run (through PYTHONPATH): SIGUSR1 prints all threads' stacks.
+_DUMP_STACKS = "import faulthandler, signal\nfaulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+TIMEOUT_S = 300  # the run takes ~10-20 s here; a hang is reported with stacks instead of waiting longer
+
+
 def _torchrun(out: Path, corpus: Path, *extra: str) -> None:
+    """torchrun in a session of its own: a hang is reported with every process's stacks, then the whole
+    group (agent and workers) is killed, so no orphan worker outlives the test."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "jambalab", "train", *TRAIN, "--batch-size", "2", "--data", str(corpus), "--out", str(out), *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    hooks = out.parent / f"{out.name}-hooks"
+    hooks.mkdir(parents=True, exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(_DUMP_STACKS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGUSR1)
+        time.sleep(2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s; the stacks at that moment (stderr):\n"
+                    f"{stderr[-12000:]}\nstdout:\n{stdout[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
 
 
 def _rows(out: Path) -> tuple[list, list]:

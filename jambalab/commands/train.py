@@ -123,15 +123,16 @@ def run(args: argparse.Namespace) -> int:
     spec = DataSpec(source=None if args.task else (args.data or STDLIB), task=args.task,
                     task_options=parse_assignments(args.task_opt, "--task-opt"), text_field=args.text_field)
     out = Path(args.out) if args.out else default_out(args)
-    try:
-        trainer = Trainer(model_config(args), targs, spec, out, resume=args.resume, init_from=args.model,
-                          device=args.device)
-        trainer.log(_describe(trainer, out))
-        result = trainer.run()
-        if trainer.dist.is_main:
-            _report(trainer, result, out, time.perf_counter() - started)
-    finally:
-        shutdown()  # leave no process group behind, also after an error
+    trainer = Trainer(model_config(args), targs, spec, out, resume=args.resume, init_from=args.model,
+                      device=args.device)
+    trainer.log(_describe(trainer, out))
+    result = trainer.run()
+    if trainer.dist.is_main:
+        _report(trainer, result, out, time.perf_counter() - started)
+    # Only after a success, as torchtitan does: every rank waits here for rank 0's report, then the
+    # group is torn down together. After an error a rank may be inside a collective that will never
+    # complete, and tearing down beside it can deadlock; torchrun stops the other workers instead.
+    shutdown(trainer.dist)
     return 0
 
 

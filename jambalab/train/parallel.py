@@ -61,8 +61,12 @@ def init_distributed(device: str | None = None) -> Dist:
     return Dist(rank, world, local, dev)
 
 
-def shutdown() -> None:
+def shutdown(dist: Dist | None = None) -> None:
+    """Leave the process group: a barrier first (when `dist` is given), so that no rank tears down
+    while another still has a collective or its last writes in flight."""
     if torch_dist.is_initialized():
+        if dist is not None and dist.distributed:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
