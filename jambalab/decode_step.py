@@ -5,13 +5,17 @@ Legend: R rows (1-16), L layers, V vocab.
 JambaLM.forward takes this path for one new token per row of a float32 CPU model without RoPE,
 on a cache already holding a prefix, without padding: a plain cache (every row at the same
 position) or the serving engine's ragged SlotBatch (each row at its own length, its own K/V
-tensors), outside autograd; anything else (bf16 / int8 / int4 weights, swapped modules, a padded
-prompt, grad mode, more than 16 rows) returns None here and the model decodes layer by layer,
-which is the twin: the logits of both paths are bitwise equal (tests/test_decode_step.py).
+tensors), outside autograd. The model's matrices may be int8 / 4-bit (quant.QuantLinear,
+quant.QuantMoE; `from_pretrained(..., dtype=torch.float32, quantize=...)`) in the int8-activation
+mode, where they multiply as the layer path's wgemv_a8 does. Anything else (bf16 weights or
+activations, the float activation mode over quantized weights, swapped modules, a padded prompt,
+grad mode, more than 16 rows) returns None here and the model decodes layer by layer, which is the
+twin: the logits of both paths are bitwise equal (tests/test_decode_step.py).
 
 The tensors are gathered once per model into a DecodePlan, kept until a module or parameter is
 registered anywhere (a global nn.Module hook counts those: quantize_model's module swaps, a
-replaced weight) or the model's dtype or device changes; a step then only adds the cache's
+replaced weight), the model's dtype or device changes, or the activation mode does; a step then
+only adds the cache's
 states and each Mamba layer's A = -exp(A_log) (kept by the mixer until A_log changes).
 """
 
@@ -23,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from jambalab import ops
+from jambalab.ops.quant_ref import activations
 
 _SLOTS_MIXER = 14  # csrc/step.cpp: per layer norm1, norm2, 14 mixer slots, 4 FFN slots
 _SLOTS_FFN = 4
@@ -44,6 +49,7 @@ nn.modules.module.register_module_parameter_registration_hook(_bump)
 @dataclass
 class DecodePlan:
     weights: list[torch.Tensor]  # csrc/step.cpp's layout; the A slots are refilled every step
+    scales: list[torch.Tensor]  # beside each quantized weight its fp16 scales; empty for a float one
     meta: list[int]  # n_heads, n_kv_heads, head_dim, then 4 ints per layer
     eps: list[float]  # the model's norm eps, the Mamba inner norms' eps
     attention: list[bool]  # per layer
@@ -78,7 +84,8 @@ def decode_step(model, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
     for i, mixer in plan.a_slots:
         weights[i] = mixer.A()
     try:
-        logits = ops.decode_step(input_ids[:, 0].long().contiguous(), weights, states, plan.meta, past, plan.eps)
+        logits = ops.decode_step(input_ids[:, 0].long().contiguous(), weights, plan.scales, states, plan.meta, past,
+                                 plan.eps)
     except RuntimeError:  # a tensor changed under the plan (e.g. one layer cast to bf16): layer by layer
         model.__dict__.pop("_decode_plan", None)
         return None
@@ -87,7 +94,7 @@ def decode_step(model, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
 
 
 def _plan(model) -> DecodePlan | None:
-    key = (_registrations[0], model.embed.weight.dtype, model.embed.weight.device)
+    key = (_registrations[0], model.embed.weight.dtype, model.embed.weight.device, activations())
     cached = model.__dict__.get("_decode_plan")
     if cached is None or cached.key != key:
         cached = build_plan(model, key)
@@ -104,11 +111,13 @@ class _NoPlan:
 def build_plan(model, key: tuple = ()) -> DecodePlan | _NoPlan:
     """The plan, or _NoPlan when some module or tensor is not what csrc/step.cpp takes."""
     from jambalab.model import MLP, Attention, Linear, MambaMixer, MoE, RMSNorm
+    from jambalab.quant import QuantLinear, QuantMoE
 
+    linears = (Linear, QuantLinear)
     cfg = model.config
-    ok = ops.decode_step is not None and not cfg.rope and type(model.lm_head) is Linear
+    ok = ops.decode_step is not None and not cfg.rope and type(model.lm_head) in linears
     ok = ok and cfg.n_heads // max(cfg.n_kv_heads, 1) <= _MAX_GROUP
-    weights = [model.embed.weight, model.norm_f.weight, model.lm_head.weight]
+    weights = [model.embed.weight, model.norm_f.weight, _matrix(model.lm_head)]
     meta = [cfg.n_heads, cfg.n_kv_heads, cfg.head_dim]
     eps = {model.norm_f.eps}
     inner_eps = 0.0
@@ -121,28 +130,32 @@ def build_plan(model, key: tuple = ()) -> DecodePlan | _NoPlan:
         slots = [block.norm1.weight, block.norm2.weight if block.norm2 is not None else None]
         if type(mixer) is Attention:
             projs = (mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.o_proj)
-            ok = ok and all(type(p) is Linear and p.bias is None for p in projs)
-            slots += [p.weight for p in projs] + [None] * (_SLOTS_MIXER - 4)
+            ok = ok and all(type(p) in linears and p.bias is None for p in projs)
+            slots += [_matrix(p) for p in projs] + [None] * (_SLOTS_MIXER - 4)
         elif type(mixer) is MambaMixer:
-            linears = (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj)
-            ok = ok and all(type(p) is Linear for p in linears) and mixer.x_proj.bias is None
+            projs = (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj)
+            ok = ok and all(type(p) in linears for p in projs) and mixer.x_proj.bias is None
             inner = mixer._inner_norm_weights() or (None, None, None)
             if mixer.dt_norm is not None:
                 inner_eps = mixer.dt_norm.eps
             a_slots.append((len(weights) + len(slots) + 10, mixer))
-            slots += [mixer.in_proj.weight, mixer.in_proj.bias, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
-                      mixer.x_proj.weight, *inner, mixer.dt_proj.weight, mixer.dt_proj.bias, None, mixer.D,
-                      mixer.out_proj.weight, mixer.out_proj.bias]
+            slots += [_matrix(mixer.in_proj), mixer.in_proj.bias, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
+                      _matrix(mixer.x_proj), *inner, _matrix(mixer.dt_proj), mixer.dt_proj.bias, None, mixer.D,
+                      _matrix(mixer.out_proj), mixer.out_proj.bias]
         else:
             ok = False
         if ffn is None:
             slots += [None] * _SLOTS_FFN
             kind, top_k = 0, 0
-        elif type(ffn) is MLP and all(type(p) is Linear for p in (ffn.gate_proj, ffn.up_proj, ffn.down_proj)):
-            slots += [ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight, None]
+        elif type(ffn) is MLP and all(type(p) in linears for p in (ffn.gate_proj, ffn.up_proj, ffn.down_proj)):
+            slots += [_matrix(ffn.gate_proj), _matrix(ffn.up_proj), _matrix(ffn.down_proj), None]
             kind, top_k = 1, 0
-        elif type(ffn) is MoE and type(ffn.router) is Linear:
-            slots += [ffn.router.weight, ffn.w_gate, ffn.w_up, ffn.w_down]
+        elif type(ffn) in (MoE, QuantMoE) and type(ffn.router) is Linear:
+            stacks = [ffn.w_gate, ffn.w_up, ffn.w_down]
+            if type(ffn) is QuantMoE:
+                stacks = [(getattr(ffn, w), getattr(ffn, f"{w}_scales"), getattr(ffn, f"{w}_group"))
+                          for w in ffn._STACKS]
+            slots += [ffn.router.weight, *stacks]
             kind, top_k = 2, ffn.top_k
         else:
             ok, kind, top_k = False, 0, 0
@@ -152,9 +165,24 @@ def build_plan(model, key: tuple = ()) -> DecodePlan | _NoPlan:
     ok = ok and len(eps) == 1 and all(_fits(w) for w in weights)
     if not ok:
         return _NoPlan(key)
-    weights = [_EMPTY if w is None else w for w in weights]
-    return DecodePlan(weights, meta, [eps.pop(), inner_eps], attention, a_slots, key)
+    scales = [w[1] if isinstance(w, tuple) else _EMPTY for w in weights]
+    weights = [_EMPTY if w is None else w[0] if isinstance(w, tuple) else w for w in weights]
+    return DecodePlan(weights, scales, meta, [eps.pop(), inner_eps], attention, a_slots, key)
 
 
-def _fits(t: torch.Tensor | None) -> bool:
+def _matrix(linear) -> torch.Tensor | tuple:
+    """A Linear's weight, or a QuantLinear's (weight, scales, group size)."""
+    from jambalab.quant import QuantLinear
+
+    return (linear.weight, linear.scales, linear.group_size) if isinstance(linear, QuantLinear) else linear.weight
+
+
+def _fits(t: torch.Tensor | tuple | None) -> bool:
+    """A float32 tensor, or a quantized (weight, scales, group size) whose products round x to int8
+    (the activation mode is "int8"; in_features and the group size are multiples of 32)."""
+    if isinstance(t, tuple):
+        w, scales, group = t
+        k = w.shape[-1] * (2 if w.dtype == torch.uint8 else 1)
+        return (activations() == "int8" and k % 32 == 0 and group % 32 == 0 and w.dtype in (torch.int8, torch.uint8)
+                and scales.dtype == torch.float16 and w.is_cpu and w.is_contiguous() and scales.is_contiguous())
     return t is None or (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous())

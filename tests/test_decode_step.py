@@ -1,5 +1,6 @@
 """The whole-token decode op (ops.decode_step, csrc/step.cpp) against its twin, the model's
-layer-by-layer decode: bitwise equal logits and states, and a fall back wherever it does not apply."""
+layer-by-layer decode: bitwise equal logits and states (float32 weights, and int8 / 4-bit ones in
+the int8-activation mode), and a fall back wherever it does not apply."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from jambalab import decode_step as ds
 from jambalab import ops
 from jambalab.generate import generate, prefill
 from jambalab.ops import cpu
+from jambalab.quant import quantize_model, set_activations
 
 
 def needs_kernels():
@@ -56,6 +58,38 @@ def test_decode_step_equals_the_layer_by_layer_decode(preset, overrides, bsz, mo
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("preset,overrides", CASES)
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("bsz", [1, 3])
+def test_a_quantized_decode_step_equals_the_layer_by_layer_decode(preset, overrides, scheme, bsz, monkeypatch):
+    """int8 / 4-bit matrices (QuantLinear, QuantMoE's stacked experts) in a float32 model: the step
+    rounds x to int8 per block of 32 and multiplies as wgemv_a8, in qlinear's blocks of 4 rows."""
+    needs_kernels()
+    model = quantize_model(jambalab.from_preset(preset, seed=0, **overrides).eval(), scheme)
+    assert any(t.numel() for t in ds.build_plan(model).scales)  # quantized matrices went into the plan
+    ids = torch.randint(3, model.config.vocab_size, (bsz, 9), generator=torch.Generator().manual_seed(1))
+    got, got_cache, calls = _decode(model, ids, True, monkeypatch)
+    want, _, none = _decode(model, ids, False, monkeypatch)
+    assert calls == 5 and none == 0
+    assert torch.equal(got, want)
+
+
+def test_the_float_activation_mode_decodes_a_quantized_model_layer_by_layer(monkeypatch):
+    """The step multiplies quantized weights only as the int8-activation mode does."""
+    needs_kernels()
+    model = quantize_model(jambalab.from_preset("tiny-hybrid", seed=0).eval(), "int8")
+    ids = torch.randint(3, 512, (1, 6), generator=torch.Generator().manual_seed(4))
+    calls = _count_calls(monkeypatch)
+    set_activations("float")
+    try:
+        generate(model, ids, 3)
+        assert not calls
+    finally:
+        set_activations("int8")
+    generate(model, ids, 3)
+    assert len(calls) == 2
+
+
 def test_decode_step_on_several_threads_equals_one(monkeypatch):
     """A step reading more than 2 MiB shares its large GEMVs (here the lm_head) over the threads."""
     needs_kernels()
@@ -99,11 +133,14 @@ def _filled_slots(model, rows: list[int], n_slots: int = 16):
     return slots
 
 
-def test_sixteen_rows_each_as_if_alone(monkeypatch):
-    """16 ragged rows in one step call (an MoE expert runs once on all its rows): each row's logits
-    and states are bitwise those of the same row stepped alone."""
+@pytest.mark.parametrize("scheme", [None, "int4"])
+def test_sixteen_rows_each_as_if_alone(scheme, monkeypatch):
+    """16 ragged rows in one step call (an MoE expert runs once on all its rows, a quantized one in
+    blocks of 4 rows): each row's logits and states are bitwise those of the same row stepped alone."""
     needs_kernels()
     model = jambalab.from_preset("tiny-hybrid", seed=0).eval()
+    if scheme:
+        quantize_model(model, scheme)
     rows = list(range(16))
     ids = torch.randint(3, 512, (16, 1), generator=torch.Generator().manual_seed(6))
     calls = _count_calls(monkeypatch)
@@ -118,12 +155,14 @@ def test_sixteen_rows_each_as_if_alone(monkeypatch):
     assert len(calls) == 3 + 3 * 16
 
 
-@pytest.mark.parametrize("preset", ["tiny-hybrid", "tiny-transformer"])
-def test_a_ragged_slot_batch_equals_the_layer_by_layer_decode(preset, monkeypatch):
+@pytest.mark.parametrize("preset,scheme", [("tiny-hybrid", None), ("tiny-transformer", None), ("tiny-hybrid", "int8")])
+def test_a_ragged_slot_batch_equals_the_layer_by_layer_decode(preset, scheme, monkeypatch):
     """The serving engine's SlotBatch: rows at different lengths, each with its own K/V tensors,
     non-consecutive slots (gathered Mamba rows): one step call, bitwise the layer-by-layer path."""
     needs_kernels()
     model = jambalab.from_preset(preset, seed=0).eval()
+    if scheme:
+        quantize_model(model, scheme)
     rows = [0, 2, 3, 5, 6, 7]
     ids = torch.randint(3, 512, (len(rows), 1), generator=torch.Generator().manual_seed(8))
     results = []
@@ -174,18 +213,17 @@ def test_what_the_step_does_not_take_decodes_layer_by_layer(change, monkeypatch)
 
 
 def test_a_swapped_module_rebuilds_the_plan(monkeypatch):
-    """quantize_model swaps modules: the plan is dropped and the int8 model decodes layer by layer."""
+    """quantize_model swaps modules: the plan is rebuilt around the int8 weights (not the float ones,
+    which the swap dropped)."""
     needs_kernels()
-    from jambalab.quant import quantize_model
-
     model = jambalab.from_preset("tiny-hybrid", seed=0, tie_embeddings=False).eval()
     ids = torch.randint(3, 512, (1, 6), generator=torch.Generator().manual_seed(4))
     calls = _count_calls(monkeypatch)
     generate(model, ids, 3)
-    assert len(calls) == 2
+    assert len(calls) == 2 and model._decode_plan.scales[2].numel() == 0
     quantize_model(model, "int8")
     generate(model, ids, 3)
-    assert len(calls) == 2
+    assert len(calls) == 4 and model._decode_plan.weights[2].dtype == torch.int8
 
 
 def test_generate_with_the_step_equals_generate_without(monkeypatch):

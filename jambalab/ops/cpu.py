@@ -130,8 +130,8 @@ def _register_fakes() -> None:
     def moe_decode(x, router_w, w_gate, w_up, w_down, top_k):
         return x.new_empty(x.shape[0], w_down.shape[1]), x.new_empty(x.shape[0], router_w.shape[0])
 
-    def decode_step(ids, weights, states, meta, past, eps):
-        return weights[2].new_empty(ids.shape[0], weights[2].shape[0])
+    def decode_step(ids, weights, scales, states, meta, past, eps):
+        return weights[0].new_empty(ids.shape[0], weights[2].shape[0])
 
     def ce_fwd(logits, target, ignore_index):
         return (logits.new_empty((), dtype=torch.float64), logits.new_empty(logits.shape[0]),

@@ -475,13 +475,14 @@ def moe_decode(x: Tensor, router_w: Tensor, w_gate: Tensor, w_up: Tensor, w_down
     return cpu.kernels().moe_decode(x, router_w, w_gate, w_up, w_down, top_k)
 
 
-def decode_step(ids: Tensor, weights: list[Tensor], states: list[Tensor], meta: list[int], past: list[int],
-                eps: list[float]) -> Tensor:
+def decode_step(ids: Tensor, weights: list[Tensor], scales: list[Tensor], states: list[Tensor], meta: list[int],
+                past: list[int], eps: list[float]) -> Tensor:
     """One token per row, ids (R,) -> logits (R, V), through every layer in one kernel call; the
     states (conv/ssm or K/V per layer) are updated in place. The argument layout is csrc/step.cpp's
-    (built by jambalab.decode_step.DecodePlan, which checks the tensors fit once); past (R,) the
-    tokens each row already holds (its new K/V go there)."""
-    return cpu.kernels().decode_step(ids, weights, states, meta, past, eps)
+    (built by jambalab.decode_step.DecodePlan, which checks the tensors fit once): weights float32, or
+    int8 / 4-bit with their fp16 scales at the same index of scales (an empty tensor for a float
+    weight); past (R,) the tokens each row already holds (its new K/V go there)."""
+    return cpu.kernels().decode_step(ids, weights, scales, states, meta, past, eps)
 
 
 # ---------------------------------------------------------------- cross-entropy (training loss)

@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels.h"
 #include "simd.h"  // ALWAYS_INLINE
 
 #if defined(__AVX2__)
@@ -326,16 +327,46 @@ void one_output(const Args& a, int64_t o) {
 #endif
 
 template <int R>
+void outputs_range(const Args& a, int64_t lo, int64_t hi) {
+  for (int64_t o = lo; o < hi; ++o) a.int4 ? one_output<R, true>(a, o) : one_output<R, false>(a, o);
+}
+
+template <int R>
 void gemv_rows(const Args& a) {
   const int64_t grain = std::max<int64_t>(4, 65536 / std::max<int64_t>(1, a.row_bytes));  // >= ~64 KiB a task
-  at::parallel_for(0, a.N, grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t o = lo; o < hi; ++o) a.int4 ? one_output<R, true>(a, o) : one_output<R, false>(a, o);
-  });
+  at::parallel_for(0, a.N, grain, [&](int64_t lo, int64_t hi) { outputs_range<R>(a, lo, hi); });
 }
 
 }  // namespace
 
 namespace jambalab {
+
+struct A8Rows::Impl {
+  QuantX x;
+};
+
+A8Rows::A8Rows(const float* x, int64_t R, int64_t K, bool int4) : impl_(new Impl{quantize_x(x, R, K, int4)}) {
+  TORCH_CHECK(R >= 1 && R <= kMaxRows && K % kBlock == 0, "A8Rows: 1 to ", kMaxRows, " rows of a multiple of ",
+              kBlock, " values, got ", R, " x ", K);
+}
+A8Rows::~A8Rows() = default;
+A8Rows::A8Rows(A8Rows&&) noexcept = default;
+A8Rows& A8Rows::operator=(A8Rows&&) noexcept = default;
+int64_t A8Rows::rows() const { return impl_->x.R; }
+bool A8Rows::int4() const { return impl_->x.step.int4; }
+
+void A8Rows::outputs(const void* w, const c10::Half* scales, int64_t G, const float* bias, float* y, int64_t N,
+                     int64_t lo, int64_t hi) const {
+  const QuantX& x = impl_->x;
+  const Args a{&x, static_cast<const uint8_t*>(w), scales, bias, y, x.K, N, G, x.step.int4 ? x.K / 2 : x.K,
+               x.step.int4};
+  switch (x.R) {
+    case 1: outputs_range<1>(a, lo, hi); break;
+    case 2: outputs_range<2>(a, lo, hi); break;
+    case 3: outputs_range<3>(a, lo, hi); break;
+    default: outputs_range<4>(a, lo, hi); break;
+  }
+}
 
 at::Tensor wgemv_a8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t G,
                     const std::optional<at::Tensor>& bias) {

@@ -7,7 +7,10 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/util/Half.h>
+
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -47,6 +50,27 @@ void state_update_part(int part, int parts, float* h, const float* x, const floa
                        int64_t Dn, int64_t N);
 void conv_update_part(int part, int parts, const float* x, float* conv_state, const float* w, const float* bias,
                       float* out, int64_t R, int64_t Dn, int64_t K);
+
+// a8gemv.cpp: wgemv_a8 in two parts, for decode_step. A8Rows quantizes up to 4 rows of x (R, K) once
+// (as wgemv_a8 does, for int8 or for 4-bit weights: the step layouts differ); outputs() then computes
+// outputs [lo, hi) of y (R, N) = x @ W^T + bias for any W of that kind and in_features K, exactly as
+// wgemv_a8 computes them (so gate and up, or q, k and v, share one quantization).
+class A8Rows {
+ public:
+  A8Rows(const float* x, int64_t R, int64_t K, bool int4);
+  ~A8Rows();
+  A8Rows(A8Rows&&) noexcept;
+  A8Rows& operator=(A8Rows&&) noexcept;
+  int64_t rows() const;
+  bool int4() const;
+  // W int8 (N, K) or 4-bit (N, K / 2) bytes; scales fp16 (N, K / G); bias (N,) or null; y (R, N).
+  void outputs(const void* w, const c10::Half* scales, int64_t G, const float* bias, float* y, int64_t N,
+               int64_t lo, int64_t hi) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 // attention.cpp: decode attention as prepare, tasks() independent run(t), merge (the op runs the
 // tasks on torch's threads, decode_step on its own).

@@ -1,6 +1,9 @@
 // A whole decode step, all layers, in one op call: token ids (R,) -> logits (R, V), the cache's
-// states updated in place. Float32, CPU, 1 to 16 rows, one new token each, no padding; each row
-// at its own position (past[r] cached tokens: a plain batch or the serving engine's ragged slots).
+// states updated in place. Float32 activations and states, CPU, 1 to 16 rows, one new token each, no
+// padding; each row at its own position (past[r] cached tokens: a plain batch or the serving engine's
+// ragged slots). Weight matrices are float32, or int8 / 4-bit with fp16 group scales (quant.py's
+// formats; scales[i] beside weights[i], empty for a float one): those multiply as wgemv_a8 does
+// (x rounded to int8 per block of 32, the int8-activation mode), in the layer path's blocks of 4 rows.
 //
 // Legend: R rows, d d_model, D d_inner, N d_state, Rk dt_rank, Kc d_conv, H heads, Hk KV heads,
 // hd head_dim, S attended keys, E experts, F d_ff, V vocab.
@@ -35,7 +38,7 @@
 #include <thread>
 #include <vector>
 
-#include "kernels.h"
+#include "kernels.h"  // gemv_outputs, A8Rows, the update parts, DecodeAttention
 
 namespace {
 
@@ -136,6 +139,30 @@ class StepPool {
 
 const float* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
+// A weight matrix (N, K): float32, or int8 (N, K) / 4-bit uint8 (N, K / 2) with fp16 scales (N, K / G).
+struct Mat {
+  const void* w = nullptr;
+  const c10::Half* s = nullptr;
+  int64_t N = 0, K = 0, G = 0, row_bytes = 0;
+  bool quantized = false, int4 = false;
+  int64_t bytes() const { return N * row_bytes + (quantized ? N * (K / G) * 2 : 0); }
+};
+
+Mat mat(const at::Tensor& w, const at::Tensor& s) {
+  Mat m;
+  m.w = w.data_ptr();
+  m.N = w.size(0);
+  m.quantized = s.numel() > 0;
+  m.int4 = w.scalar_type() == at::kByte;
+  m.K = m.int4 ? 2 * w.size(1) : w.size(1);
+  m.row_bytes = w.size(1) * w.element_size();
+  if (m.quantized) {
+    m.s = s.data_ptr<c10::Half>();
+    m.G = m.K / s.size(1);
+  }
+  return m;
+}
+
 // out = v * w (first) or out + v * w, the product rounded before the sum as ATen's mul then add in
 // moe_decode: GCC would otherwise contract the two into one FMA (GNU C++ defaults to fp-contract=fast).
 __attribute__((optimize("fp-contract=off"))) void add_scaled(float* out, const float* v, float w, int64_t n,
@@ -152,16 +179,52 @@ struct Step {
     StepPool::get().run(tasks, threads, body);
   }
 
-  // y (R, N) = x (R, K) @ w^T + b: split by output rows into kTaskBytes tasks when large enough.
-  void gemv(const float* x, const at::Tensor& w, const float* b, float* y) const {
-    const int64_t N = w.size(0), K = w.size(1);
-    const float* wp = w.data_ptr<float>();
-    if (threads <= 1 || N * K * 4 < kParallelBytes) {
-      jambalab::gemv_outputs(x, R, wp, b, y, K, N, 0, N);
+  // body(lo, hi) over the outputs of m: split by output rows into kTaskBytes tasks when large enough.
+  template <typename F>
+  void outputs(const Mat& m, const F& body) const {
+    if (threads <= 1 || m.bytes() < kParallelBytes) {
+      body(0, m.N);
       return;
     }
-    const int64_t rows = std::max<int64_t>(4, kTaskBytes / (4 * K)), tasks = (N + rows - 1) / rows;
-    par(tasks, [&](int64_t t) { jambalab::gemv_outputs(x, R, wp, b, y, K, N, t * rows, std::min(N, (t + 1) * rows)); });
+    const int64_t rows = std::max<int64_t>(4, kTaskBytes / m.row_bytes), tasks = (m.N + rows - 1) / rows;
+    par(tasks, [&](int64_t t) { body(t * rows, std::min(m.N, (t + 1) * rows)); });
+  }
+
+  // x (R, K) rounded to int8 for a quantized m's kind, in qlinear's blocks of 4 rows.
+  std::vector<jambalab::A8Rows> quantize(const float* x, const Mat& m) const {
+    std::vector<jambalab::A8Rows> blocks;
+    for (int64_t r = 0; r < R; r += 4) blocks.emplace_back(x + r * m.K, std::min<int64_t>(4, R - r), m.K, m.int4);
+    return blocks;
+  }
+
+  // y (R, N) = x (R, K) @ m^T + b. A quantized m takes x already quantized (`pre`, from quantize(x, m)
+  // for a matrix of the same kind and K) or quantizes it here.
+  void gemv(const float* x, const Mat& m, const float* b, float* y,
+            const std::vector<jambalab::A8Rows>* pre = nullptr) const {
+    if (!m.quantized) {
+      const float* wp = static_cast<const float*>(m.w);
+      outputs(m, [&](int64_t lo, int64_t hi) { jambalab::gemv_outputs(x, R, wp, b, y, m.K, m.N, lo, hi); });
+      return;
+    }
+    std::vector<jambalab::A8Rows> own;
+    if (pre == nullptr) own = quantize(x, m), pre = &own;
+    for (size_t i = 0; i < pre->size(); ++i) {
+      const jambalab::A8Rows& q = (*pre)[i];
+      float* yb = y + static_cast<int64_t>(i) * 4 * m.N;
+      outputs(m, [&](int64_t lo, int64_t hi) { q.outputs(m.w, m.s, m.G, b, yb, m.N, lo, hi); });
+    }
+  }
+
+  // The same x through two matrices (gate and up; k and v), quantized once when both are quantized alike.
+  void gemv2(const float* x, const Mat& a, const Mat& b, float* ya, float* yb) const {
+    if (a.quantized && b.quantized && a.int4 == b.int4 && a.K == b.K) {
+      const std::vector<jambalab::A8Rows> q = quantize(x, a);
+      gemv(x, a, nullptr, ya, &q);
+      gemv(x, b, nullptr, yb, &q);
+    } else {
+      gemv(x, a, nullptr, ya);
+      gemv(x, b, nullptr, yb);
+    }
   }
 
   // silu(g) * u in place in g, (rows, F): ATen's silu_ on the same shape as model.swiglu / decode.cpp.
@@ -172,14 +235,12 @@ struct Step {
   }
 
   // down(silu(gate(x)) * up(x)) for `rows` rows of x.
-  void mlp(const float* x, int64_t rows, const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd,
-           float* y) const {
-    const int64_t F = wg.size(0);
+  void mlp(const float* x, int64_t rows, const Mat& wg, const Mat& wu, const Mat& wd, float* y) const {
+    const int64_t F = wg.N;
     std::vector<float> g(rows * F), u(rows * F);
     Step one = *this;
     one.R = rows;
-    one.gemv(x, wg, nullptr, g.data());
-    one.gemv(x, wu, nullptr, u.data());
+    one.gemv2(x, wg, wu, g.data(), u.data());
     swiglu(g.data(), u.data(), rows, F);
     one.gemv(g.data(), wd, nullptr, y);
   }
@@ -187,11 +248,14 @@ struct Step {
   // MoE.forward / moe_decode: softmax router, top-k not renormalised, experts summed in ascending id order.
   // Each expert runs once on the rows routed to it (its weights read once); a row's output is what
   // moe_decode computes for it alone (the GEMV's rows are independent, silu runs per row as there).
-  void moe(const float* x, const at::Tensor* w, int64_t top_k, int64_t d, float* y) const {
-    const at::Tensor &router = w[0], &wg = w[1], &wu = w[2], &wd = w[3];
-    const int64_t E = router.size(0), F = wg.size(1);
+  void moe(const float* x, const at::Tensor* w, const at::Tensor* sc, int64_t top_k, int64_t d, float* y) const {
+    const at::Tensor &wg = w[1], &wu = w[2], &wd = w[3];
+    const int64_t E = w[0].size(0), F = wg.size(1);
     at::Tensor logits = at::empty({R, E}, at::TensorOptions().dtype(at::kFloat));
-    gemv(x, router, nullptr, logits.data_ptr<float>());
+    gemv(x, mat(w[0], sc[0]), nullptr, logits.data_ptr<float>());
+    const auto expert = [&](const at::Tensor& stack, const at::Tensor& scales, int64_t e) {
+      return mat(stack.select(0, e), scales.numel() ? scales.select(0, e) : scales);
+    };
     const auto [weights, experts] = at::topk(at::softmax(logits, -1, at::kFloat), top_k, -1);  // (R, k)
     const auto ids = experts.accessor<int64_t, 2>();
     const auto wts = weights.accessor<float, 2>();
@@ -209,10 +273,9 @@ struct Step {
       for (int64_t i = 0; i < n; ++i) std::memcpy(xe.data() + i * d, x + slots[i] / top_k * d, d * 4);
       Step some = *this;
       some.R = n;
-      some.gemv(xe.data(), wg.select(0, e), nullptr, g.data());
-      some.gemv(xe.data(), wu.select(0, e), nullptr, u.data());
+      some.gemv2(xe.data(), expert(wg, sc[1], e), expert(wu, sc[2], e), g.data(), u.data());
       for (int64_t i = 0; i < n; ++i) swiglu(g.data() + i * F, u.data() + i * F, 1, F);
-      some.gemv(g.data(), wd.select(0, e), nullptr, out.data());
+      some.gemv(g.data(), expert(wd, sc[3], e), nullptr, out.data());
       for (int64_t i = 0; i < n; ++i) std::memcpy(ye.data() + slots[i] * d, out.data() + i * d, d * 4);
     }
     for (int64_t r = 0; r < R; ++r) {
@@ -238,14 +301,14 @@ struct Step {
   }
 
   // MambaMixer decode (mamba_decode): x (R, d) -> y (R, d); conv (R, D, Kc), ssm (R, D, N) in place.
-  void mamba(const float* x, const at::Tensor* w, bool inner_norm, float inner_eps, at::Tensor& conv,
-             at::Tensor& ssm, float* y) const {
+  void mamba(const float* x, const at::Tensor* w, const at::Tensor* sc, bool inner_norm, float inner_eps,
+             at::Tensor& conv, at::Tensor& ssm, float* y) const {
     const at::Tensor &in_w = w[0], &conv_w = w[2], &x_proj = w[4], &dt_proj = w[8], &A = w[10], &Dsk = w[11],
                      &out_w = w[12];
     const int64_t Dn = ssm.size(1), N = ssm.size(2), Kc = conv.size(2), Rk = dt_proj.size(1), Wd = Rk + 2 * N;
     std::vector<float> xz(R * 2 * Dn), xs(R * Dn), z(R * Dn), xc(R * Dn), dbc(R * Wd), dt(R * Rk), B(R * N),
         C(R * N), dtf(R * Dn), dts(R * Dn), yy(R * Dn);
-    gemv(x, in_w, ptr(w[1]), xz.data());
+    gemv(x, mat(in_w, sc[0]), ptr(w[1]), xz.data());
     for (int64_t r = 0; r < R; ++r) {  // the x and z halves, as contiguous (R, D) blocks
       std::memcpy(xs.data() + r * Dn, xz.data() + r * 2 * Dn, Dn * 4);
       std::memcpy(z.data() + r * Dn, xz.data() + r * 2 * Dn + Dn, Dn * 4);
@@ -254,7 +317,7 @@ struct Step {
     parts(Kc, R * Dn, [&](int p, int np) {
       jambalab::conv_update_part(p, np, xs.data(), cs, conv_w.data_ptr<float>(), ptr(w[3]), xc.data(), R, Dn, Kc);
     });
-    gemv(xc.data(), x_proj, nullptr, dbc.data());
+    gemv(xc.data(), mat(x_proj, sc[4]), nullptr, dbc.data());
     for (int64_t r = 0; r < R; ++r) {
       std::memcpy(dt.data() + r * Rk, dbc.data() + r * Wd, Rk * 4);
       std::memcpy(B.data() + r * N, dbc.data() + r * Wd + Rk, N * 4);
@@ -265,25 +328,32 @@ struct Step {
       jambalab::rms_norm_rows(B.data(), ptr(w[6]), B.data(), R, N, inner_eps);
       jambalab::rms_norm_rows(C.data(), ptr(w[7]), C.data(), R, N, inner_eps);
     }
-    gemv(dt.data(), dt_proj, nullptr, dtf.data());
+    gemv(dt.data(), mat(dt_proj, sc[8]), nullptr, dtf.data());
     jambalab::dt_softplus_rows(dtf.data(), w[9].data_ptr<float>(), dts.data(), R, Dn);
     float* hs = ssm.data_ptr<float>();
     parts(N, R * Dn, [&](int p, int np) {
       jambalab::state_update_part(p, np, hs, xc.data(), dts.data(), A.data_ptr<float>(), B.data(), C.data(),
                                   ptr(Dsk), z.data(), yy.data(), R, Dn, N);
     });
-    gemv(yy.data(), out_w, ptr(w[13]), y);
+    gemv(yy.data(), mat(out_w, sc[12]), ptr(w[13]), y);
   }
 
   // Attention decode: q, k, v projections, row r's new K/V written at past[r] of its own cache,
   // decode attention over its past[r] + 1 keys (decode_attention on that row alone), o_proj.
   // k_rows[r], v_rows[r]: (1, Hk, capacity_r, hd).
-  void attention(const float* x, const at::Tensor* w, int64_t H, int64_t Hk, int64_t hd, const int64_t* past,
-                 const at::Tensor* k_rows, const at::Tensor* v_rows, float* y) const {
+  void attention(const float* x, const at::Tensor* w, const at::Tensor* sc, int64_t H, int64_t Hk, int64_t hd,
+                 const int64_t* past, const at::Tensor* k_rows, const at::Tensor* v_rows, float* y) const {
     std::vector<float> q(R * H * hd), k(R * Hk * hd), v(R * Hk * hd), o(R * H * hd);
-    gemv(x, w[0], nullptr, q.data());
-    gemv(x, w[1], nullptr, k.data());
-    gemv(x, w[2], nullptr, v.data());
+    const Mat wq = mat(w[0], sc[0]), wk = mat(w[1], sc[1]), wv = mat(w[2], sc[2]);
+    if (wq.quantized && wk.quantized && wv.quantized && wq.int4 == wk.int4 && wk.int4 == wv.int4) {
+      const std::vector<jambalab::A8Rows> qx = quantize(x, wq);
+      gemv(x, wq, nullptr, q.data(), &qx);
+      gemv(x, wk, nullptr, k.data(), &qx);
+      gemv(x, wv, nullptr, v.data(), &qx);
+    } else {
+      gemv(x, wq, nullptr, q.data());
+      gemv2(x, wk, wv, k.data(), v.data());
+    }
     std::vector<jambalab::DecodeAttention> att(R);
     std::vector<int64_t> first(R + 1, 0);  // row r's tasks are [first[r], first[r + 1])
     int64_t kv_bytes = 0;
@@ -312,7 +382,7 @@ struct Step {
       for (int64_t t = 0; t < first[R]; ++t) run(t);
     }
     for (int64_t r = 0; r < R; ++r) att[r].merge(o.data() + r * H * hd);
-    gemv(o.data(), w[3], nullptr, y);
+    gemv(o.data(), mat(w[3], sc[3]), nullptr, y);
   }
 };
 
@@ -326,8 +396,25 @@ constexpr int kMaxRows = 16;
 
 // states: per Mamba layer conv (R, D, Kc) and ssm (R, D, N); per attention layer R K caches then R
 // V caches, each (1, Hk, capacity, hd). past (R,): the tokens each row already holds.
-at::Tensor decode_step(const at::Tensor& ids, at::TensorList weights, at::TensorList states, at::IntArrayRef meta,
-                       at::IntArrayRef past, at::ArrayRef<double> eps) {
+// weights[i] float32, or int8 / uint8 (4-bit) with scales[i] fp16 (its rows, K / G); scales[i] empty for float.
+void check_weight(const at::Tensor& w, const at::Tensor& s, size_t i) {
+  TORCH_CHECK(w.is_contiguous() && w.device().is_cpu(), "decode_step: weights[", i, "] must be a contiguous CPU tensor");
+  if (w.scalar_type() == at::kFloat) {
+    TORCH_CHECK(s.numel() == 0, "decode_step: weights[", i, "] is float32 but has scales");
+    return;
+  }
+  TORCH_CHECK(w.scalar_type() == at::kChar || w.scalar_type() == at::kByte,
+              "decode_step: weights[", i, "] must be float32, int8 or uint8 (4-bit), got ", w.scalar_type());
+  const int64_t K = w.scalar_type() == at::kByte ? 2 * w.size(-1) : w.size(-1);
+  TORCH_CHECK(w.dim() >= 2 && s.scalar_type() == at::kHalf && s.is_contiguous() && s.dim() == w.dim() &&
+                  s.sizes().slice(0, s.dim() - 1) == w.sizes().slice(0, w.dim() - 1) && s.size(-1) > 0 &&
+                  K % s.size(-1) == 0 && (K / s.size(-1)) % 32 == 0,
+              "decode_step: weights[", i, "] ", w.sizes(), " needs fp16 scales (rows, K / G) with G a multiple of 32, got ",
+              s.sizes(), " ", s.scalar_type());
+}
+
+at::Tensor decode_step(const at::Tensor& ids, at::TensorList weights, at::TensorList scales, at::TensorList states,
+                       at::IntArrayRef meta, at::IntArrayRef past, at::ArrayRef<double> eps) {
   TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.size(0) >= 1 && ids.size(0) <= kMaxRows,
               "decode_step: ids must be int64 (R,) with 1 <= R <= ", kMaxRows, ", got ", ids.sizes());
   TORCH_CHECK(static_cast<int64_t>(past.size()) == ids.size(0), "decode_step: past must hold one length per row");
@@ -337,14 +424,17 @@ at::Tensor decode_step(const at::Tensor& ids, at::TensorList weights, at::Tensor
   const int64_t R = ids.size(0);
   int64_t n_states = 0;
   for (int64_t i = 0; i < L; ++i) n_states += meta[kMeta + kLayerMeta * i] == 1 ? 2 * R : 2;
-  TORCH_CHECK(weights.size() == static_cast<size_t>(kGlobal + kSlots * L) && states.size() == static_cast<size_t>(n_states),
-              "decode_step: ", L, " layers need ", kGlobal + kSlots * L, " weights and ", n_states, " states");
+  TORCH_CHECK(weights.size() == static_cast<size_t>(kGlobal + kSlots * L) && scales.size() == weights.size() &&
+                  states.size() == static_cast<size_t>(n_states),
+              "decode_step: ", L, " layers need ", kGlobal + kSlots * L, " weights, as many scales and ", n_states,
+              " states");
   int64_t bytes = 0;
-  for (const at::Tensor& t : weights) {
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
-                "decode_step: weights must be contiguous float32 CPU tensors");
-    bytes += t.numel() * 4;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    check_weight(weights[i], scales[i], i);
+    bytes += weights[i].nbytes() + scales[i].nbytes();
   }
+  TORCH_CHECK(weights[0].scalar_type() == at::kFloat && weights[1].scalar_type() == at::kFloat,
+              "decode_step: the embedding and the final norm must be float32");
   for (const at::Tensor& t : states)
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu() && t.dim() >= 3 &&
                     (t.size(0) == R || (t.dim() == 4 && t.size(0) == 1)),
@@ -365,6 +455,7 @@ at::Tensor decode_step(const at::Tensor& ids, at::TensorList weights, at::Tensor
   }
   for (int64_t i = 0, si = 0; i < L; ++i) {
     const at::Tensor* w = &weights[kGlobal + kSlots * i];
+    const at::Tensor* sc = &scales[kGlobal + kSlots * i];
     const int64_t* lm = &meta[kMeta + kLayerMeta * i];
     jambalab::rms_norm_rows(h.data(), ptr(w[0]), xn.data(), R, d, norm_eps);
     if (lm[0] == 1) {
@@ -374,33 +465,35 @@ at::Tensor decode_step(const at::Tensor& ids, at::TensorList weights, at::Tensor
                         past[r] >= 0 && past[r] < kr.size(2),
                     "decode_step: row ", r, "'s K/V cache ", kr.sizes(), " has no room at position ", past[r]);
       }
-      step.attention(xn.data(), w + kMixer, H, Hk, hd, past.data(), &states[si], &states[si + R], y.data());
+      step.attention(xn.data(), w + kMixer, sc + kMixer, H, Hk, hd, past.data(), &states[si], &states[si + R], y.data());
       si += 2 * R;
     } else {
       at::Tensor conv = states[si], ssm = states[si + 1];
-      step.mamba(xn.data(), w + kMixer, lm[3] != 0, inner_eps, conv, ssm, y.data());
+      step.mamba(xn.data(), w + kMixer, sc + kMixer, lm[3] != 0, inner_eps, conv, ssm, y.data());
       si += 2;
     }
     for (int64_t j = 0; j < R * d; ++j) h[j] = h[j] + y[j];
     if (lm[1] == 0) continue;
     jambalab::rms_norm_rows(h.data(), ptr(w[1]), xn.data(), R, d, norm_eps);
     if (lm[1] == 1) {
-      step.mlp(xn.data(), R, w[kFfn], w[kFfn + 1], w[kFfn + 2], y.data());
+      step.mlp(xn.data(), R, mat(w[kFfn], sc[kFfn]), mat(w[kFfn + 1], sc[kFfn + 1]), mat(w[kFfn + 2], sc[kFfn + 2]),
+               y.data());
     } else {
-      step.moe(xn.data(), w + kFfn, lm[2], d, y.data());
+      step.moe(xn.data(), w + kFfn, sc + kFfn, lm[2], d, y.data());
     }
     for (int64_t j = 0; j < R * d; ++j) h[j] = h[j] + y[j];
   }
   jambalab::rms_norm_rows(h.data(), ptr(weights[1]), xn.data(), R, d, norm_eps);
   at::Tensor logits = at::empty({R, V}, embed.options());
-  step.gemv(xn.data(), lm_head, nullptr, logits.data_ptr<float>());
+  step.gemv(xn.data(), mat(lm_head, scales[2]), nullptr, logits.data_ptr<float>());
   return logits;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(jambalab_kernels, m) {
-  m.def("decode_step(Tensor ids, Tensor[] weights, Tensor(a!)[] states, int[] meta, int[] past, float[] eps) -> Tensor");
+  m.def("decode_step(Tensor ids, Tensor[] weights, Tensor[] scales, Tensor(a!)[] states, int[] meta, int[] past, "
+        "float[] eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(jambalab_kernels, CPU, m) {
