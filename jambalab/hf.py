@@ -324,9 +324,13 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, qu
 
     dtype None keeps the checkpoint's dtype (config.json 'dtype'); a tensor already in `dtype` is
     memory-mapped, not copied. quantize ("int8" or "int4"; see jambalab.quant.quantize_model)
-    quantizes the loaded model module by module, with `group_size` (None: the scheme's default). A
-    checkpoint written by jambalab.quant.save_quantized loads as stored (quantize / group_size, if
-    given, must match it; dtype must be its float dtype).
+    quantizes the loaded model module by module, with `group_size` (None: the scheme's default); its
+    float parts (embedding, norms, convolutions, the Mamba x/dt projections, routers) and activations
+    are then float32 unless `dtype` says otherwise, as llama.cpp keeps them: the one-call decode step
+    (csrc/step.cpp) runs only on float32 activations, and the prefill GEMM over the quantized weights
+    is bf16 either way where the CPU has one (ops.lowp.quant_gemm_dtype). A checkpoint written by
+    jambalab.quant.save_quantized loads as stored (quantize / group_size, if given, must match it;
+    dtype must be its float dtype).
     """
     if group_size is not None and quantize is None:
         raise InputError(f"group_size={group_size} needs quantize= (a group size of what?)")
@@ -335,6 +339,8 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, qu
 
     if quant.quantization_config(path) is not None:  # saved quantized: loaded as stored, never re-quantized
         return quant.load_quantized(path, scheme=quantize, group_size=group_size, dtype=dtype)
+    if quantize is not None and dtype is None:
+        dtype = torch.float32
     if _native_config(path) is not None:
         model = _load_native(path, dtype)
     else:

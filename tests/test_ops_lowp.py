@@ -99,7 +99,8 @@ def float_activations():
 
 
 @pytest.mark.parametrize("rows", [1, 4, 13, 200])
-def test_float_activation_mode_is_the_exact_product(rows, float_activations):
+def test_float_activation_mode_is_the_exact_product(rows, float_activations, monkeypatch):
+    monkeypatch.setattr(lowp, "native_bf16", lambda: False)  # a float32 prefill GEMM (else bf16: see below)
     qw = quantize_weight(torch.randn(70, 256) * 0.05, 8, None)
     x = torch.randn(rows, 256)
     torch.testing.assert_close(lowp.qlinear(x, qw), F.linear(x, dequantize(qw)), rtol=2e-5, atol=2e-5)
@@ -174,8 +175,24 @@ def test_qlinear_matches_its_twin_on_both_paths(bits, group, rows, x_dtype, monk
     got = lowp.qlinear(x, qw, bias)
     want = qlinear_ref(x, qw, bias)
     assert got.shape == (2, rows, 70) and got.dtype == x_dtype
-    tol = 2e-5 if x_dtype == torch.float32 else 3e-2  # a bf16 GEMM rounds x to bf16
+    exact = x_dtype == torch.float32 and (2 * rows <= 16 or lowp.quant_gemm_dtype(x_dtype) == torch.float32)
+    tol = 2e-5 if exact else 3e-2  # a bf16 GEMM rounds x and the tiles to bf16
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_quantized_prefill_of_fp32_activations_takes_the_native_bf16_gemm(native, monkeypatch):
+    monkeypatch.setattr(lowp, "native_bf16", lambda: native)
+    qw = quantize_weight(torch.randn(70, 256) * 0.05, 4, 32)
+    x = torch.randn(40, 256)
+    assert lowp.quant_gemm_dtype(torch.float32) == (torch.bfloat16 if native else torch.float32)
+    got = lowp.qlinear(x, qw)
+    assert got.dtype == torch.float32
+    want = F.linear(fake_quant_act(x), dequantize(qw))
+    tol = 3e-2 if native else 2e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    if native:  # the bf16 GEMM's rounding, not the float32 product
+        assert not torch.allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -38,9 +38,10 @@ from jambalab.errors import InputError
 
 # (jambalab precision, llama.cpp file type) pairs, one table row each.
 PAIRS = [("fp32", "F32"), ("bf16", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M")]
-# jambalab precision -> from_pretrained(dtype=..., quantize=...)
-PRECISIONS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8"),
-              "int4": ("bfloat16", "int4")}
+# jambalab precision -> from_pretrained(dtype=..., quantize=...). Quantized models keep their float parts
+# and activations in float32 (from_pretrained's default with quantize=), as llama.cpp's Q8_0 / Q4_0 do.
+PRECISIONS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("float32", "int8"),
+              "int4": ("float32", "int4")}
 
 
 # =======================================================================================

@@ -15,7 +15,10 @@ Two regimes, chosen per call by M:
   stays in cache) into the GEMM dtype and multiplied with torch's GEMM; never a dense copy of
   the whole matrix. The GEMM dtype is chosen once per machine: bf16 activations use the native
   bf16 GEMM where the CPU has one (AVX512-BF16 or AMX: oneDNN), else fp32 (bf16 -> fp32 is exact,
-  and torch's bf16 GEMM without hardware support ran 3-9x slower than its fp32 one).
+  and torch's bf16 GEMM without hardware support ran 3-9x slower than its fp32 one). Over int8 /
+  4-bit weights fp32 activations take that bf16 GEMM too (quant_gemm_dtype): the weights are
+  already rounded far coarser than bf16, and the float32 model's prefill ran 2-2.7x slower in fp32
+  (A and B of bench peers, 512 tokens); its decode (csrc/step.cpp) stays exact integer products.
 
 Twins: F.linear on the dense weight (quant_ref.qlinear_ref / wgemv_ref); tests compare them.
 """
@@ -52,6 +55,12 @@ def native_bf16() -> bool:
 def gemm_dtype(x_dtype: torch.dtype) -> torch.dtype:
     """The dtype the prefill GEMM runs in for activations of x_dtype."""
     return torch.bfloat16 if x_dtype == torch.bfloat16 and native_bf16() else torch.float32
+
+
+def quant_gemm_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """The prefill GEMM's dtype over dequantized int8 / 4-bit tiles: bf16 wherever the CPU has a native
+    bf16 GEMM (whatever x's dtype), else fp32."""
+    return torch.bfloat16 if native_bf16() else torch.float32
 
 
 def _decode_kernels(x: Tensor, *ts: Tensor | None, max_rows: int = DECODE_ROWS):
@@ -96,7 +105,7 @@ def qlinear(x: Tensor, qw: QuantWeight, bias: Tensor | None = None) -> Tensor:
         blocks = [gemv(xb, qw.data, qw.scales, qw.group_size, b) for xb in x2.split(DECODE_ROWS)]
         y = blocks[0] if len(blocks) == 1 else torch.cat(blocks)  # (M, N)
         return y.view(*x.shape[:-1], qw.out_features)
-    dtype = gemm_dtype(x.dtype)
+    dtype = quant_gemm_dtype(x.dtype)
     ops = cpu.kernels()
 
     def tile(lo: int, hi: int) -> Tensor:
@@ -123,5 +132,5 @@ def _tiled(x: Tensor, n_out: int, tile, row_bytes: int, bias: Tensor | None) -> 
     return y.to(x.dtype).view(*x.shape[:-1], n_out)
 
 
-__all__ = ["dense_linear", "qlinear", "gemm_dtype", "native_bf16", "dequant_ref", "wgemv_ref", "wgemv_a8_ref",
+__all__ = ["dense_linear", "qlinear", "gemm_dtype", "quant_gemm_dtype", "native_bf16", "dequant_ref", "wgemv_ref", "wgemv_a8_ref",
            "set_activations", "activations", "DECODE_ROWS"]
