@@ -389,12 +389,34 @@ at::Tensor dequant(const at::Tensor& weight, const at::Tensor& scales, int64_t G
     std::vector<float> buf(K);
     for (int64_t o = r0; o < r1; ++o) {
       const uint8_t* row = wp + o * rb;
-      for (int64_t g = 0; g < ng; ++g) {
-        const float s = static_cast<float>(sp[o * ng + g]);
-        for (int64_t k = g * G; k < (g + 1) * G; ++k) {
-          const int q = f == Fmt::I8 ? static_cast<int8_t>(row[k])
-                                     : ((row[(k & ~int64_t(kRun - 1)) / 2 + (k & 15)] >> (k & 16 ? 4 : 0)) & 0xF) - 8;
-          buf[k] = static_cast<float>(q) * s;
+      if (f == Fmt::I8) {
+        for (int64_t g = 0; g < ng; ++g) {
+          const float s = static_cast<float>(sp[o * ng + g]);
+          for (int64_t k = g * G; k < (g + 1) * G; ++k) buf[k] = static_cast<float>(static_cast<int8_t>(row[k])) * s;
+        }
+      } else {  // runs of 32 (G is a multiple of 32): 16 bytes, k 0-15 in the low nibbles, 16-31 in the high
+        const int64_t runs_per_group = G / kRun;  // a counter, not run * 32 / G: a division a run was half the time
+        for (int64_t run = 0, g = 0, left = runs_per_group; run < K / kRun; ++run) {
+          const float s = static_cast<float>(sp[o * ng + g]);
+          if (--left == 0) ++g, left = runs_per_group;
+          const uint8_t* p = row + run * kRun / 2;
+          float* d = buf.data() + run * kRun;
+#if defined(__AVX512F__)
+          // 16 bytes -> 16 low and 16 high nibbles as int32, minus 8, times s: the scalar loop below
+          // (which GCC does not vectorise) ran 4-bit tiles at a quarter of int8's rate.
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), nib = _mm_set1_epi8(0x0F);
+          const __m512i eight = _mm512_set1_epi32(8);
+          const __m512 sv = _mm512_set1_ps(s);
+          const __m512i lo = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(v, nib)), eight);
+          const __m512i hi = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), nib)), eight);
+          _mm512_storeu_ps(d, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), sv));
+          _mm512_storeu_ps(d + kRun / 2, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), sv));
+#else
+          for (int j = 0; j < kRun / 2; ++j) {
+            d[j] = static_cast<float>((p[j] & 0xF) - 8) * s;
+            d[j + kRun / 2] = static_cast<float>((p[j] >> 4) - 8) * s;
+          }
+#endif
         }
       }
       if (dtype == at::kFloat) {
