@@ -142,40 +142,51 @@ struct Args {
 };
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// The group scales of a step's blocks, spread over their lanes: the fp16 bit patterns gathered into one
-// 64-bit word, spread by vpermw, converted by vcvtph2ps. (Found by counting blocks, not by k / G: two
-// 64-bit divisions a step were most of the first version's time.)
+// The group scales of a step's blocks, spread over their lanes. Groups of 32 (one scale a block, the
+// 4-bit default): 16 scales are converted at once (one vcvtph2ps) and each step's Blocks of them spread
+// by one vpermps. Larger groups: the fp16 bit patterns gathered into one 64-bit word, spread by vpermw,
+// converted by vcvtph2ps. (Found by counting blocks, not by k / G: two 64-bit divisions a step were
+// most of the first version's time.)
+template <int Blocks>
 struct StepScales {
+  static constexpr int kSteps16 = kLanes / Blocks;  // steps served by one conversion of 16 scales
   const uint16_t* s;  // this output's scales, (K / G,) fp16 bits
   int64_t per_group, left, g = 0, blocks_left;  // blocks a group; of the current one; blocks before K
   __m256i spread;
+  __m512i pick[kSteps16];  // step q of a 16: lane l takes scale Blocks * q + l / (16 / Blocks)
+  __m512 sixteen;
+  int q16 = kSteps16;
 
-  StepScales(const c10::Half* row, int64_t G, int64_t K, const Step& st)
+  StepScales(const c10::Half* row, int64_t G, int64_t K)
       : s(reinterpret_cast<const uint16_t*>(row)), per_group(G / kBlock), left(G / kBlock), blocks_left(K / kBlock) {
-    alignas(32) int16_t idx[kLanes];
-    for (int l = 0; l < kLanes; ++l) idx[l] = static_cast<int16_t>(l / st.lanes_per_block());
-    spread = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx));
+    alignas(64) int32_t idx[kLanes];
+    alignas(32) int16_t idx16[kLanes];
+    for (int l = 0; l < kLanes; ++l) idx16[l] = static_cast<int16_t>(l / (kLanes / Blocks));
+    spread = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx16));
+    for (int q = 0; q < kSteps16; ++q) {
+      for (int l = 0; l < kLanes; ++l) idx[l] = Blocks * q + l / (kLanes / Blocks);
+      pick[q] = _mm512_load_si512(idx);
+    }
   }
 
-  template <int Blocks>
   __m512 next() {
-    if (per_group == 1 && blocks_left >= Blocks) {  // groups of 32: the next scales, as they lie (one load)
-      using Word = std::conditional_t<Blocks == 4, uint64_t, uint32_t>;
-      Word w;
-      std::memcpy(&w, s + g, sizeof w);
-      g += Blocks;
-      blocks_left -= Blocks;
-      return spread_bits(w);
+    if (per_group == 1) {  // groups of 32: the next scales lie in order
+      if (q16 == kSteps16) {
+        const int64_t n = std::min<int64_t>(kLanes, blocks_left);
+        const __m256i bits = n == kLanes ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + g))
+                                         : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), s + g);
+        sixteen = _mm512_cvtph_ps(bits);  // past K: zeros
+        g += n;
+        blocks_left -= n;
+        q16 = 0;
+      }
+      return _mm512_permutexvar_ps(pick[q16++], sixteen);
     }
     uint64_t bits = 0;
     for (int j = 0; j < Blocks && blocks_left > 0; ++j, --blocks_left) {
       bits |= uint64_t(s[g]) << (16 * j);
       if (--left == 0) { ++g; left = per_group; }
     }
-    return spread_bits(bits);
-  }
-
-  __m512 spread_bits(uint64_t bits) const {
     const __m256i v = _mm256_castsi128_si256(_mm_cvtsi64_si128(static_cast<long long>(bits)));
     return _mm512_cvtph_ps(_mm256_permutexvar_epi16(spread, v));
   }
@@ -221,8 +232,8 @@ ALWAYS_INLINE void step_acc(const QuantX& x, const uint8_t* row, int64_t s, __m5
 template <int R, bool Int4>
 void sums_by_step(const Args& a, const uint8_t* row, int64_t o, __m512 (&acc)[R]) {
   const QuantX& x = *a.x;
-  StepScales scales(a.scales + o * (a.K / a.G), a.G, a.K, x.step);
-  for (int64_t s = 0; s < x.steps; ++s) step_acc<R, Int4, true>(x, row, s, scales.template next<Int4 ? 4 : 2>(), acc);
+  StepScales<Int4 ? 4 : 2> scales(a.scales + o * (a.K / a.G), a.G, a.K);
+  for (int64_t s = 0; s < x.steps; ++s) step_acc<R, Int4, true>(x, row, s, scales.next(), acc);
 }
 
 // Groups of whole steps: the group scale multiplies the group's sum once. One row of x alternates two
