@@ -147,27 +147,32 @@ struct Args {
 // by one vpermps. Larger groups: the fp16 bit patterns gathered into one 64-bit word, spread by vpermw,
 // converted by vcvtph2ps. (Found by counting blocks, not by k / G: two 64-bit divisions a step were
 // most of the first version's time.)
+// StepScales' lane indices, made once: spread[l] = l's block in a step; pick[q][l] = the scale lane l takes,
+// of 16 converted at once, in the q-th step they serve.
+template <int Blocks>
+struct SpreadIndex {
+  static constexpr int kSteps16 = kLanes / Blocks;
+  alignas(32) int16_t spread[kLanes] = {};
+  alignas(64) int32_t pick[kSteps16][kLanes] = {};
+  constexpr SpreadIndex() {
+    for (int l = 0; l < kLanes; ++l) spread[l] = static_cast<int16_t>(l / (kLanes / Blocks));
+    for (int q = 0; q < kSteps16; ++q)
+      for (int l = 0; l < kLanes; ++l) pick[q][l] = Blocks * q + l / (kLanes / Blocks);
+  }
+};
+template <int Blocks>
+constexpr SpreadIndex<Blocks> kSpreadIndex{};
+
 template <int Blocks>
 struct StepScales {
   static constexpr int kSteps16 = kLanes / Blocks;  // steps served by one conversion of 16 scales
   const uint16_t* s;  // this output's scales, (K / G,) fp16 bits
   int64_t per_group, left, g = 0, blocks_left;  // blocks a group; of the current one; blocks before K
-  __m256i spread;
-  __m512i pick[kSteps16];  // step q of a 16: lane l takes scale Blocks * q + l / (16 / Blocks)
   __m512 sixteen;
   int q16 = kSteps16;
 
   StepScales(const c10::Half* row, int64_t G, int64_t K)
-      : s(reinterpret_cast<const uint16_t*>(row)), per_group(G / kBlock), left(G / kBlock), blocks_left(K / kBlock) {
-    alignas(64) int32_t idx[kLanes];
-    alignas(32) int16_t idx16[kLanes];
-    for (int l = 0; l < kLanes; ++l) idx16[l] = static_cast<int16_t>(l / (kLanes / Blocks));
-    spread = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx16));
-    for (int q = 0; q < kSteps16; ++q) {
-      for (int l = 0; l < kLanes; ++l) idx[l] = Blocks * q + l / (kLanes / Blocks);
-      pick[q] = _mm512_load_si512(idx);
-    }
-  }
+      : s(reinterpret_cast<const uint16_t*>(row)), per_group(G / kBlock), left(G / kBlock), blocks_left(K / kBlock) {}
 
   __m512 next() {
     if (per_group == 1) {  // groups of 32: the next scales lie in order
@@ -180,7 +185,7 @@ struct StepScales {
         blocks_left -= n;
         q16 = 0;
       }
-      return _mm512_permutexvar_ps(pick[q16++], sixteen);
+      return _mm512_permutexvar_ps(_mm512_load_si512(kSpreadIndex<Blocks>.pick[q16++]), sixteen);
     }
     uint64_t bits = 0;
     for (int j = 0; j < Blocks && blocks_left > 0; ++j, --blocks_left) {
@@ -188,6 +193,7 @@ struct StepScales {
       if (--left == 0) { ++g; left = per_group; }
     }
     const __m256i v = _mm256_castsi128_si256(_mm_cvtsi64_si128(static_cast<long long>(bits)));
+    const __m256i spread = _mm256_load_si256(reinterpret_cast<const __m256i*>(kSpreadIndex<Blocks>.spread));
     return _mm512_cvtph_ps(_mm256_permutexvar_epi16(spread, v));
   }
 };

@@ -34,8 +34,10 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <initializer_list>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"  // gemv_outputs, A8Rows, the update parts, DecodeAttention
@@ -215,16 +217,15 @@ struct Step {
     }
   }
 
-  // The same x through two matrices (gate and up; k and v), quantized once when both are quantized alike.
-  void gemv2(const float* x, const Mat& a, const Mat& b, float* ya, float* yb) const {
-    if (a.quantized && b.quantized && a.int4 == b.int4 && a.K == b.K) {
-      const std::vector<jambalab::A8Rows> q = quantize(x, a);
-      gemv(x, a, nullptr, ya, &q);
-      gemv(x, b, nullptr, yb, &q);
-    } else {
-      gemv(x, a, nullptr, ya);
-      gemv(x, b, nullptr, yb);
-    }
+  // The same x through several matrices (gate and up; q, k and v): quantized once when all of them
+  // are quantized alike, else each on its own.
+  void gemv_same_x(const float* x, std::initializer_list<std::pair<Mat, float*>> mats) const {
+    const Mat& first = mats.begin()->first;
+    bool shared = true;
+    for (const auto& [m, y] : mats) shared = shared && m.quantized && m.int4 == first.int4 && m.K == first.K;
+    std::vector<jambalab::A8Rows> q;
+    if (shared) q = quantize(x, first);
+    for (const auto& [m, y] : mats) gemv(x, m, nullptr, y, shared ? &q : nullptr);
   }
 
   // silu(g) * u in place in g, (rows, F): ATen's silu_ on the same shape as model.swiglu / decode.cpp.
@@ -240,7 +241,7 @@ struct Step {
     std::vector<float> g(rows * F), u(rows * F);
     Step one = *this;
     one.R = rows;
-    one.gemv2(x, wg, wu, g.data(), u.data());
+    one.gemv_same_x(x, {{wg, g.data()}, {wu, u.data()}});
     swiglu(g.data(), u.data(), rows, F);
     one.gemv(g.data(), wd, nullptr, y);
   }
@@ -273,7 +274,7 @@ struct Step {
       for (int64_t i = 0; i < n; ++i) std::memcpy(xe.data() + i * d, x + slots[i] / top_k * d, d * 4);
       Step some = *this;
       some.R = n;
-      some.gemv2(xe.data(), expert(wg, sc[1], e), expert(wu, sc[2], e), g.data(), u.data());
+      some.gemv_same_x(xe.data(), {{expert(wg, sc[1], e), g.data()}, {expert(wu, sc[2], e), u.data()}});
       for (int64_t i = 0; i < n; ++i) swiglu(g.data() + i * F, u.data() + i * F, 1, F);
       some.gemv(g.data(), expert(wd, sc[3], e), nullptr, out.data());
       for (int64_t i = 0; i < n; ++i) std::memcpy(ye.data() + slots[i] * d, out.data() + i * d, d * 4);
@@ -344,16 +345,7 @@ struct Step {
   void attention(const float* x, const at::Tensor* w, const at::Tensor* sc, int64_t H, int64_t Hk, int64_t hd,
                  const int64_t* past, const at::Tensor* k_rows, const at::Tensor* v_rows, float* y) const {
     std::vector<float> q(R * H * hd), k(R * Hk * hd), v(R * Hk * hd), o(R * H * hd);
-    const Mat wq = mat(w[0], sc[0]), wk = mat(w[1], sc[1]), wv = mat(w[2], sc[2]);
-    if (wq.quantized && wk.quantized && wv.quantized && wq.int4 == wk.int4 && wk.int4 == wv.int4) {
-      const std::vector<jambalab::A8Rows> qx = quantize(x, wq);
-      gemv(x, wq, nullptr, q.data(), &qx);
-      gemv(x, wk, nullptr, k.data(), &qx);
-      gemv(x, wv, nullptr, v.data(), &qx);
-    } else {
-      gemv(x, wq, nullptr, q.data());
-      gemv2(x, wk, wv, k.data(), v.data());
-    }
+    gemv_same_x(x, {{mat(w[0], sc[0]), q.data()}, {mat(w[1], sc[1]), k.data()}, {mat(w[2], sc[2]), v.data()}});
     std::vector<jambalab::DecodeAttention> att(R);
     std::vector<int64_t> first(R + 1, 0);  // row r's tasks are [first[r], first[r + 1])
     int64_t kv_bytes = 0;
