@@ -175,7 +175,7 @@ def test_qlinear_matches_its_twin_on_both_paths(bits, group, rows, x_dtype, monk
     got = lowp.qlinear(x, qw, bias)
     want = qlinear_ref(x, qw, bias)
     assert got.shape == (2, rows, 70) and got.dtype == x_dtype
-    exact = x_dtype == torch.float32 and (2 * rows <= 16 or lowp.quant_gemm_dtype(x_dtype) == torch.float32)
+    exact = x_dtype == torch.float32 and (2 * rows <= 16 or lowp.quant_gemm_dtype() == torch.float32)
     tol = 2e-5 if exact else 3e-2  # a bf16 GEMM rounds x and the tiles to bf16
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
@@ -185,7 +185,7 @@ def test_quantized_prefill_of_fp32_activations_takes_the_native_bf16_gemm(native
     monkeypatch.setattr(lowp, "native_bf16", lambda: native)
     qw = quantize_weight(torch.randn(70, 256) * 0.05, 4, 32)
     x = torch.randn(40, 256)
-    assert lowp.quant_gemm_dtype(torch.float32) == (torch.bfloat16 if native else torch.float32)
+    assert lowp.quant_gemm_dtype() == (torch.bfloat16 if native else torch.float32)
     got = lowp.qlinear(x, qw)
     assert got.dtype == torch.float32
     want = F.linear(fake_quant_act(x), dequantize(qw))

@@ -57,9 +57,9 @@ def gemm_dtype(x_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if x_dtype == torch.bfloat16 and native_bf16() else torch.float32
 
 
-def quant_gemm_dtype(x_dtype: torch.dtype) -> torch.dtype:
-    """The prefill GEMM's dtype over dequantized int8 / 4-bit tiles: bf16 wherever the CPU has a native
-    bf16 GEMM (whatever x's dtype), else fp32."""
+def quant_gemm_dtype() -> torch.dtype:
+    """The prefill GEMM's dtype over dequantized int8 / 4-bit tiles, for activations of any dtype: bf16
+    wherever the CPU has a native bf16 GEMM, else fp32."""
     return torch.bfloat16 if native_bf16() else torch.float32
 
 
@@ -105,7 +105,7 @@ def qlinear(x: Tensor, qw: QuantWeight, bias: Tensor | None = None) -> Tensor:
         blocks = [gemv(xb, qw.data, qw.scales, qw.group_size, b) for xb in x2.split(DECODE_ROWS)]
         y = blocks[0] if len(blocks) == 1 else torch.cat(blocks)  # (M, N)
         return y.view(*x.shape[:-1], qw.out_features)
-    dtype = quant_gemm_dtype(x.dtype)
+    dtype = quant_gemm_dtype()
     ops = cpu.kernels()
 
     def tile(lo: int, hi: int) -> Tensor:
