@@ -61,7 +61,7 @@ class Precision:
     """A float dtype for everything, optionally with weight-only quantized matrices."""
 
     name: str  # e.g. "int4-g32"
-    scheme: str | None = None  # None (float), "int8" or "int4"
+    scheme: str | None = None  # None (float), "int8", "int4" or "bf16" (weight-only bf16)
     group_size: int | None = None  # None: per output channel (int8 only)
     activations: str = "int8"  # how quantized products treat activations (jambalab.quant.set_activations)
 
@@ -71,7 +71,7 @@ class Precision:
 
 
 FLOATS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PRECISIONS = {p.name: p for p in [Precision("fp32"), Precision("bf16"), Precision("int8", "int8"),
+PRECISIONS = {p.name: p for p in [Precision("fp32"), Precision("bf16"), Precision("bf16w", "bf16"), Precision("int8", "int8"),
                                   Precision("int8-g128", "int8", 128), Precision("int4-g32", "int4", 32),
                                   Precision("int4-g64", "int4", 64), Precision("int4-g128", "int4", 128)]}
 
@@ -84,6 +84,9 @@ def variants(names: list[str], bases: list[str], acts: tuple[str, ...] = ("int8"
         p = PRECISIONS[name]
         if p.scheme is None:
             out.append((name, p, name))
+            continue
+        if p.scheme == "bf16":  # weight-only bf16: the float rest in fp32 (over a bf16 base it is the bf16 model)
+            out.append((f"{name}/fp32", p, "fp32"))
             continue
         for base in bases:
             for act in acts:
@@ -256,7 +259,7 @@ def plot(result: dict, path: Path) -> None:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     labels = [r["precision"] for r in rows]
     bpb = [r["bits_per_byte"] for r in rows]
-    colors = [{None: "tab:gray", "int8": "tab:blue", "int4": "tab:orange"}[r["scheme"]] for r in rows]
+    colors = [{None: "tab:gray", "bf16": "tab:green", "int8": "tab:blue", "int4": "tab:orange"}[r["scheme"]] for r in rows]
     ax.bar(labels, bpb, color=colors)
     lo, hi = min(bpb), max(bpb)
     bf16 = next((r for r in rows if r["precision"] == "bf16"), None)

@@ -5,12 +5,14 @@ Legend: R rows (1-16), L layers, V vocab.
 JambaLM.forward takes this path for one new token per row of a float32 CPU model without RoPE,
 on a cache already holding a prefix, without padding: a plain cache (every row at the same
 position) or the serving engine's ragged SlotBatch (each row at its own length, its own K/V
-tensors), outside autograd. The model's matrices may be int8 / 4-bit (quant.QuantLinear,
-quant.QuantMoE; `from_pretrained(..., dtype=torch.float32, quantize=...)`) in the int8-activation
-mode, where they multiply as the layer path's wgemv_a8 does. Anything else (bf16 weights or
-activations, the float activation mode over quantized weights, swapped modules, a padded prompt,
-grad mode, more than 16 rows) returns None here and the model decodes layer by layer, which is the
-twin: the logits of both paths are bitwise equal (tests/test_decode_step.py).
+tensors), outside autograd. The model's matrices may be bf16 (weight-only bf16,
+`quantize="bf16"`: widened in registers, fp32 arithmetic, as the layer path's gemv), or int8 /
+4-bit (quant.QuantLinear, quant.QuantMoE; `from_pretrained(..., quantize="int8" | "int4")`) in the
+int8-activation mode, where they multiply as the layer path's wgemv_a8 does. Anything else (a bf16
+model's bf16 activations and states, the float activation mode over quantized weights, swapped
+modules, a padded prompt, grad mode, more than 16 rows) returns None here and the model decodes
+layer by layer, which is the twin: the logits of both paths are bitwise equal
+(tests/test_decode_step.py).
 
 The tensors are gathered once per model into a DecodePlan, kept until a module or parameter is
 registered anywhere (a global nn.Module hook counts those: quantize_model's module swaps, a
@@ -151,7 +153,7 @@ def build_plan(model, key: tuple = ()) -> DecodePlan | _NoPlan:
             slots += [_matrix(ffn.gate_proj), _matrix(ffn.up_proj), _matrix(ffn.down_proj), None]
             kind, top_k = 1, 0
         elif type(ffn) in (MoE, QuantMoE) and type(ffn.router) is Linear:
-            stacks = [ffn.w_gate, ffn.w_up, ffn.w_down]
+            stacks = [_dense(ffn.w_gate), _dense(ffn.w_up), _dense(ffn.w_down)]
             if type(ffn) is QuantMoE:
                 stacks = [(getattr(ffn, w), getattr(ffn, f"{w}_scales"), getattr(ffn, f"{w}_group"))
                           for w in ffn._STACKS]
@@ -165,23 +167,32 @@ def build_plan(model, key: tuple = ()) -> DecodePlan | _NoPlan:
     ok = ok and len(eps) == 1 and all(_fits(w) for w in weights)
     if not ok:
         return _NoPlan(key)
-    scales = [w[1] if isinstance(w, tuple) else _EMPTY for w in weights]
+    scales = [w[1] if isinstance(w, tuple) and w[1] is not None else _EMPTY for w in weights]
     weights = [_EMPTY if w is None else w[0] if isinstance(w, tuple) else w for w in weights]
     return DecodePlan(weights, scales, meta, [eps.pop(), inner_eps], attention, a_slots, key)
 
 
 def _matrix(linear) -> torch.Tensor | tuple:
-    """A Linear's weight, or a QuantLinear's (weight, scales, group size)."""
+    """A Linear's weight (a bf16 one as (weight, None, None)), or a QuantLinear's (weight, scales, group size)."""
     from jambalab.quant import QuantLinear
 
-    return (linear.weight, linear.scales, linear.group_size) if isinstance(linear, QuantLinear) else linear.weight
+    return (linear.weight, linear.scales, linear.group_size) if isinstance(linear, QuantLinear) else _dense(linear.weight)
+
+
+def _dense(w: torch.Tensor) -> torch.Tensor | tuple:
+    """A float matrix (or stack of experts' matrices) for a matrix slot: bf16 ones are marked (w, None, None),
+    the only slots where the step takes bf16."""
+    return (w, None, None) if w.dtype == torch.bfloat16 else w
 
 
 def _fits(t: torch.Tensor | tuple | None) -> bool:
-    """A float32 tensor, or a quantized (weight, scales, group size) whose products round x to int8
-    (the activation mode is "int8"; in_features and the group size are multiples of 32)."""
+    """A float32 tensor; a bf16 matrix (w, None, None); or a quantized (weight, scales, group size) whose
+    products round x to int8 (the activation mode is "int8"; in_features and the group size are
+    multiples of 32)."""
     if isinstance(t, tuple):
         w, scales, group = t
+        if scales is None:
+            return w.dtype == torch.bfloat16 and w.dim() >= 2 and w.is_cpu and w.is_contiguous()
         k = w.shape[-1] * (2 if w.dtype == torch.uint8 else 1)
         return (activations() == "int8" and k % 32 == 0 and group % 32 == 0 and w.dtype in (torch.int8, torch.uint8)
                 and scales.dtype == torch.float16 and w.is_cpu and w.is_contiguous() and scales.is_contiguous())

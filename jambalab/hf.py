@@ -324,9 +324,11 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, qu
 
     dtype None keeps the checkpoint's dtype (config.json 'dtype'); a tensor already in `dtype` is
     memory-mapped, not copied. quantize ("int8" or "int4"; see jambalab.quant.quantize_model)
-    quantizes the loaded model module by module, with `group_size` (None: the scheme's default); its
+    quantizes the loaded model module by module, with `group_size` (None: the scheme's default);
+    "bf16" is weight-only bf16: those matrices are read straight into bf16 (a bf16 checkpoint's are
+    memory-mapped), the rest into float32 (llama.cpp's BF16 layout). With a quantize scheme the
     float parts (embedding, norms, convolutions, the Mamba x/dt projections, routers) and activations
-    are then float32 unless `dtype` says otherwise, as llama.cpp keeps them: the one-call decode step
+    are float32 unless `dtype` says otherwise, as llama.cpp keeps them: the one-call decode step
     (csrc/step.cpp) runs only on float32 activations, and the prefill GEMM over the quantized weights
     is bf16 either way where the CPU has one (ops.lowp.quant_gemm_dtype). A checkpoint written by
     jambalab.quant.save_quantized loads as stored (quantize / group_size, if given, must match it;
@@ -339,16 +341,29 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, qu
 
     if quant.quantization_config(path) is not None:  # saved quantized: loaded as stored, never re-quantized
         return quant.load_quantized(path, scheme=quantize, group_size=group_size, dtype=dtype)
-    if quantize is not None and dtype is None:
-        dtype = torch.float32
+    if quantize is not None:
+        quant.parse_scheme(quantize)
+        if dtype is None:
+            dtype = torch.float32
+    weight_dtype = quant.WEIGHT_DTYPES.get(quantize)
+    if weight_dtype is not None and group_size is not None:
+        raise InputError(f"quantize={quantize!r} takes no group size (got {group_size})")
     if _native_config(path) is not None:
         model = _load_native(path, dtype)
+    elif weight_dtype is not None:  # the matrices straight into their dtype: nothing read twice
+        model = _load_hf(path, dtype, matrices=weight_dtype)
+        model.quantization = {"scheme": quantize, "bits": quant.parse_scheme(quantize), "group_size": None}
+        return model
     else:
         model = _load_hf(path, dtype)
     return _quantize(model, quantize, group_size) if quantize is not None else model
 
 
-def _load_hf(path: Path, dtype: torch.dtype | str | None) -> JambaLM:
+def _load_hf(path: Path, dtype: torch.dtype | str | None, matrices: torch.dtype | None = None) -> JambaLM:
+    """The checkpoint in `dtype`; with `matrices`, the matrices weight-only bf16 stores (quant.weight_dtype_names)
+    in that dtype instead."""
+    from jambalab.quant import weight_dtype_names
+
     cfg = load_config(path)
     target = _resolve_dtype(dtype, path)
     source = _TensorSource(path)
@@ -356,9 +371,11 @@ def _load_hf(path: Path, dtype: torch.dtype | str | None) -> JambaLM:
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     key_map = hf_key_map(cfg, names)
     _check_key_sets(path, cfg, key_map, source)
+    own = set(weight_dtype_names(model)) if matrices is not None else set()
     with torch.no_grad():
         for ours, theirs in key_map.items():
-            _assign(model, ours, _read(source, ours, theirs, model.get_parameter(ours).shape, target))
+            want = matrices if ours in own else target
+            _assign(model, ours, _read(source, ours, theirs, model.get_parameter(ours).shape, want))
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.eval()

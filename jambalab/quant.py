@@ -1,5 +1,5 @@
-"""Weight-only quantization (int8, 4-bit) as a module swap (gpt-fast style), no calibration, and the
-saved-quantized checkpoint format.
+"""Weight-only quantization (int8, 4-bit) as a module swap (gpt-fast style), no calibration, weight-only
+bf16, and the saved-quantized checkpoint format.
 
 Legend: O output features, I input features, E experts, F d_ff, d d_model, V vocab, G group size.
 
@@ -18,6 +18,12 @@ What is quantized: every nn.Linear in attention (q/k/v/o), the dense MLPs, the M
 out_proj, the stacked MoE experts (per expert; Jamba-1.5's ExpertsInt8), and the lm_head when it
 is not tied to the embedding (Falcon Mamba's and Jamba's are not: 65K x 4096, a quarter of the
 bytes a decode step of a few-layer model reads; llama.cpp's Q8_0 / Q4_0 quantize it too).
+
+Weight-only bf16 ("bf16"): the same matrices stored in bf16 and nothing else changed: the modules stay
+Linear / MoE, the float part and the activations stay float32. This is llama.cpp's BF16 layout (a bf16
+*model* instead keeps bf16 activations and states, as HF's): half of fp32's bytes per decode token, the
+decode arithmetic fp32 (the weights widen exactly in registers; jambalab/ops/lowp.py), the whole decode
+token in one call (csrc/step.cpp), and prefill on the bf16 GEMM where the CPU has one.
 
 What stays in the model's float dtype, and why:
 - Mamba's A_log, D, conv1d, and the selection path x_proj -> dt_proj: dt, B and C set the state's
@@ -45,6 +51,8 @@ from jambalab.ops.quant_ref import SCHEMES, QuantWeight, activations, check_grou
 
 _KEEP_IN_MAMBA = ("x_proj", "dt_proj")
 DEFAULT_GROUP = {"int8": None, "int4": 32}  # None: per output channel
+WEIGHT_DTYPES = {"bf16": torch.bfloat16}  # weight-only float schemes: the matrices stored in this dtype
+_STACKS = ("w_gate", "w_up", "w_down")  # an MoE's stacked expert matrices
 FORMAT = "jambalab-weight-only"
 FORMAT_VERSION = 1
 
@@ -88,7 +96,7 @@ class QuantMoE(MoE):
     packed format, each with `<name>_scales` (E, rows, in / G). Routing is the parent's (the router
     stays float)."""
 
-    _STACKS = ("w_gate", "w_up", "w_down")
+    _STACKS = _STACKS
 
     def __init__(self, moe: MoE, bits: int, group_size: int | None):
         """Empty quantized storage shaped for moe's experts (filled by from_moe or a checkpoint)."""
@@ -133,10 +141,11 @@ class QuantMoE(MoE):
 # The swap
 # ---------------------------------------------------------------------------------------
 def parse_scheme(scheme: str) -> int:
-    """'int8' -> 8, 'int4' -> 4; anything else is an InputError."""
-    if scheme not in SCHEMES:
-        raise InputError(f"quantize must be one of {sorted(SCHEMES)} (or None), got {scheme!r}")
-    return SCHEMES[scheme]
+    """'int8' -> 8, 'int4' -> 4, 'bf16' -> 16; anything else is an InputError."""
+    bits = {**SCHEMES, **{k: 16 for k in WEIGHT_DTYPES}}
+    if scheme not in bits:
+        raise InputError(f"quantize must be one of {sorted(bits)} (or None), got {scheme!r}")
+    return bits[scheme]
 
 
 @torch.no_grad()
@@ -144,8 +153,20 @@ def quantize_model(model: JambaLM, scheme: str, group_size: int | None = None) -
     """Swap the quantizable modules for `scheme` ('int8' or 'int4') ones, in place, one module at a
     time (the float weight of each is dropped as its quantized twin replaces it). group_size None
     takes the scheme's default (int8: per output channel, int4: 32). Every group size is checked
-    against every matrix before anything is swapped, so a bad one leaves the model untouched."""
+    against every matrix before anything is swapped, so a bad one leaves the model untouched.
+    'bf16' (weight-only bf16) casts the same matrices to bf16 in place instead, with no group size."""
     bits = parse_scheme(scheme)
+    done = getattr(model, "quantization", None)
+    if done is not None:
+        raise InputError(f"quantize: the model is already quantized ({done.get('scheme')}); load the float "
+                         "checkpoint again to quantize it another way")
+    if scheme in WEIGHT_DTYPES:
+        if group_size is not None:
+            raise InputError(f"quantize={scheme!r} takes no group size (got {group_size}): it only stores the "
+                             "matrices in bf16")
+        cast_weights(model, WEIGHT_DTYPES[scheme])
+        model.quantization = {"scheme": scheme, "bits": bits, "group_size": None}
+        return model
     group = DEFAULT_GROUP[scheme] if group_size is None else group_size
     targets = list(_targets(model))
     if not targets:
@@ -160,6 +181,26 @@ def quantize_model(model: JambaLM, scheme: str, group_size: int | None = None) -
             setattr(parent, attr, QuantLinear.from_linear(child, bits, group, name))
     model.quantization = {"scheme": scheme, "bits": bits, "group_size": group}
     return model
+
+
+def cast_weights(model: JambaLM, dtype: torch.dtype) -> JambaLM:
+    """Store the matrices quantize_model would quantize in `dtype` (weight-only bf16), in place, one at a
+    time; works on the meta device (a saved checkpoint's skeleton)."""
+    for _, _, _, child in list(_targets(model)):
+        names = _STACKS if isinstance(child, MoE) else ("weight",)
+        for n in names:
+            w = getattr(child, n)
+            if w.dtype != dtype:
+                setattr(child, n, nn.Parameter(w.detach().to(dtype), requires_grad=False))
+    return model
+
+
+def weight_dtype_names(model: JambaLM) -> list[str]:
+    """The parameter names cast_weights casts (the loader reads those straight into the weight dtype)."""
+    names = []
+    for name, _, _, child in _targets(model):
+        names += [f"{name}.{n}" for n in (_STACKS if isinstance(child, MoE) else ("weight",))]
+    return names
 
 
 def _targets(model: JambaLM):
@@ -305,6 +346,8 @@ def _quantized_skeleton(cfg, qc: dict, dtype: torch.dtype) -> JambaLM:
     with torch.device("meta"):
         model = JambaLM(cfg).to(dtype)
     bits = parse_scheme(qc["scheme"])
+    if qc["scheme"] in WEIGHT_DTYPES:
+        return cast_weights(model, WEIGHT_DTYPES[qc["scheme"]])
     group = qc["group_size"]
     for name, parent, attr, child in list(_targets(model)):
         if isinstance(child, MoE):

@@ -74,6 +74,24 @@ def test_a_quantized_decode_step_equals_the_layer_by_layer_decode(preset, overri
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("preset,overrides", CASES)
+@pytest.mark.parametrize("bsz", [1, 3, 8])
+def test_a_weight_only_bf16_decode_step_equals_the_layer_by_layer_decode(preset, overrides, bsz, monkeypatch):
+    """bf16 matrices (Linear weights, the MoE's stacks) in a float32 model: the step rounds x to bf16
+    once per matrix input and multiplies as the gemv op; each row as if alone."""
+    needs_kernels()
+    model = quantize_model(jambalab.from_preset(preset, seed=0, **overrides).eval(), "bf16")
+    plan = ds.build_plan(model)
+    assert any(w.dtype == torch.bfloat16 for w in plan.weights)  # bf16 matrices went into the plan
+    ids = torch.randint(3, model.config.vocab_size, (bsz, 9), generator=torch.Generator().manual_seed(1))
+    got, got_cache, calls = _decode(model, ids, True, monkeypatch)
+    want, want_cache, none = _decode(model, ids, False, monkeypatch)
+    assert calls == 5 and none == 0
+    assert torch.equal(got, want)
+    for a, b in zip(_states(got_cache), _states(want_cache)):
+        assert torch.equal(a, b)
+
+
 def test_the_float_activation_mode_decodes_a_quantized_model_layer_by_layer(monkeypatch):
     """The step multiplies quantized weights only as the int8-activation mode does."""
     needs_kernels()
@@ -133,7 +151,7 @@ def _filled_slots(model, rows: list[int], n_slots: int = 16):
     return slots
 
 
-@pytest.mark.parametrize("scheme", [None, "int4"])
+@pytest.mark.parametrize("scheme", [None, "int4", "bf16"])
 def test_sixteen_rows_each_as_if_alone(scheme, monkeypatch):
     """16 ragged rows in one step call (an MoE expert runs once on all its rows, a quantized one in
     blocks of 4 rows): each row's logits and states are bitwise those of the same row stepped alone."""
@@ -155,7 +173,8 @@ def test_sixteen_rows_each_as_if_alone(scheme, monkeypatch):
     assert len(calls) == 3 + 3 * 16
 
 
-@pytest.mark.parametrize("preset,scheme", [("tiny-hybrid", None), ("tiny-transformer", None), ("tiny-hybrid", "int8")])
+@pytest.mark.parametrize("preset,scheme", [("tiny-hybrid", None), ("tiny-transformer", None), ("tiny-hybrid", "int8"),
+                                           ("tiny-hybrid", "bf16")])
 def test_a_ragged_slot_batch_equals_the_layer_by_layer_decode(preset, scheme, monkeypatch):
     """The serving engine's SlotBatch: rows at different lengths, each with its own K/V tensors,
     non-consecutive slots (gathered Mamba rows): one step call, bitwise the layer-by-layer path."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from jambalab.ops import cpu, lowp
 from jambalab.errors import InputError
-from jambalab.ops.quant_ref import (QuantWeight, dequant_ref, dequantize, fake_quant_act, qlinear_ref, quantize_act_ref,
+from jambalab.ops.quant_ref import (QuantWeight, bf16_gemv_ref, dequant_ref, dequantize, fake_quant_act, qlinear_ref, quantize_act_ref,
                                     quantize_weight, set_activations, wgemv_a8_ref, wgemv_ref)
 
 pytestmark = pytest.mark.skipif(cpu.kernels() is None, reason=f"kernels did not build: {cpu.build_error()}")
@@ -45,6 +45,37 @@ def test_wgemv_matches_its_twin(fmt, N, K, group, rows, x_dtype):
     assert got.dtype == x_dtype and got.shape == (rows, N)
     tol = 2e-5 if x_dtype == torch.float32 else 1e-2  # bf16 output: one rounding of a sum in another order
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("N,K", [(37, 100), (300, 1024), (64, 8), (20, 160), (5, 4096)])  # tails: K % 32 != 0
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 16])
+def test_gemv_over_bf16_weights_matches_its_twin_and_each_row_is_as_if_alone(N, K, rows):
+    """Weight-only bf16 (gemv.cpp): x rounded to bf16, exact products, fp32 sums; a row's result is
+    bitwise the same whatever the batch around it."""
+    torch.manual_seed(rows)
+    weight = (torch.randn(N, K) * 0.05).bfloat16()
+    x, bias = torch.randn(rows, K), (torch.randn(N) if rows % 2 else None)
+    got = cpu.kernels().gemv(x, weight, bias)
+    assert got.dtype == torch.float32 and got.shape == (rows, N)
+    torch.testing.assert_close(got, bf16_gemv_ref(x, weight, bias), rtol=1e-5, atol=1e-5)
+    # not the fp32 product: x really is rounded (a kernel widening x as it is would fail this)
+    assert (got - F.linear(x, weight.float(), bias)).abs().max() > 1e-6
+    for r in range(rows):
+        assert torch.equal(cpu.kernels().gemv(x[r:r + 1].clone(), weight, bias), got[r:r + 1])
+
+
+@pytest.mark.parametrize("rows", [1, 16, 17, 200])
+@pytest.mark.parametrize("native", [False, True])
+def test_dense_linear_of_float32_x_and_bf16_weights(rows, native, monkeypatch):
+    """Decode-sized calls take the gemv (fp32 out); prefill the bf16 GEMM where native (its output rounded
+    to bf16), else fp32 tiles of the weight: the same function within bf16's rounding either way."""
+    monkeypatch.setattr(lowp, "native_bf16", lambda: native)
+    weight, x, bias = (torch.randn(70, 256) * 0.05).bfloat16(), torch.randn(rows, 256), torch.randn(70)
+    got = lowp.dense_linear(x, weight, bias)
+    assert got.dtype == torch.float32 and got.shape == (rows, 70)
+    tol = 1e-5 if rows <= 16 else 2e-2
+    want = bf16_gemv_ref(x, weight, bias) if rows <= 16 or native else F.linear(x, weight.float(), bias)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 A8_CASES = [  # (bits, N, K, group): per channel, groups of 32 / 64 / 96 (inside and across 64-weight chunks), a half chunk
@@ -142,6 +173,37 @@ def test_wgemv_a8_other_isa_builds_match_the_twin(flags, simd):
                          timeout=600, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == str(simd)
+
+
+_GEMV_ISA_CHECK = """
+import sys, tempfile, torch
+from torch.utils import cpp_extension
+cpp_extension.load(name="gemv_isa", sources=[sys.argv[1]], extra_cflags=["-O3", "-march=native", *sys.argv[2:]],
+                   build_directory=tempfile.mkdtemp(), is_python_module=False)
+from jambalab.ops.quant_ref import bf16_gemv_ref
+for K in (8, 100, 160, 1024):
+    w = (torch.randn(37, K) * 0.05).bfloat16()
+    for R in (1, 2, 3):
+        x = torch.randn(R, K)
+        got = torch.ops.jambalab_kernels.gemv(x, w, None)
+        torch.testing.assert_close(got, bf16_gemv_ref(x, w), rtol=1e-5, atol=1e-5)
+        for r in range(R):
+            assert torch.equal(torch.ops.jambalab_kernels.gemv(x[r:r + 1].clone(), w, None), got[r:r + 1])
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not torch.cpu._is_avx2_supported(),
+                    reason="the ISA variants are x86 ones")
+@pytest.mark.parametrize("flags", [["-mno-avx512bf16"], ["-mno-avx512f", "-mno-avx512bf16"]])
+def test_gemv_over_bf16_weights_without_avx512_bf16_matches_the_twin(flags):
+    """gemv.cpp's path for CPUs without vdpbf16ps (the weights widened in registers), built here without it."""
+    src = Path(cpu.__file__).parent / "csrc" / "gemv.cpp"
+    out = subprocess.run([sys.executable, "-c", _GEMV_ISA_CHECK, str(src), *flags], capture_output=True, text=True,
+                         timeout=600, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "ok"
 
 
 def test_wgemv_a8_rejects_bad_arguments():

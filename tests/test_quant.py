@@ -219,3 +219,84 @@ def test_generate_cli_runs_a_saved_quantized_checkpoint(tmp_path, ref, capsys):
     assert main(["generate", "--model", str(tmp_path / "q8"), "--prompt", "Hi", "--max-new-tokens", "3"]) == 0
     assert main(["generate", "--model", str(tmp_path / "q8"), "--prompt", "Hi", "--int4"]) != 0
     assert "asked for 'int4'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- weight-only bf16
+
+
+def test_weight_only_bf16_casts_the_matrices_and_nothing_else(ref):
+    q = quantize_model(copy.deepcopy(ref), "bf16")
+    assert q.quantization == {"scheme": "bf16", "bits": 16, "group_size": None}
+    assert type(q.lm_head) is Linear and q.lm_head.weight.dtype == torch.bfloat16
+    moe = next(m for m in q.modules() if isinstance(m, MoE))
+    assert moe.w_gate.dtype == moe.w_down.dtype == torch.bfloat16 and moe.router.weight.dtype == torch.float32
+    mixer = next(m for m in q.modules() if isinstance(m, MambaMixer))
+    assert mixer.in_proj.weight.dtype == torch.bfloat16 and mixer.x_proj.weight.dtype == torch.float32
+    assert q.embed.weight.dtype == torch.float32
+    assert abs(weight_bytes(q) / weight_bytes(ref) - 0.5) < 0.2
+    ids = torch.randint(3, 512, (2, 24))
+    drift = logit_drift(ref, q, ids)
+    assert drift["rel_l2"] < 0.01 and drift["top1_agree"] > 0.9, drift
+    with torch.no_grad():
+        assert q(ids).logits.dtype == torch.float32
+
+
+def test_weight_only_bf16_refuses_a_group_size_and_a_second_quantization(ref):
+    with pytest.raises(InputError, match="takes no group size"):
+        quantize_model(copy.deepcopy(ref), "bf16", group_size=32)
+    q = quantize_model(copy.deepcopy(ref), "bf16")
+    with pytest.raises(InputError, match=r"already quantized \(bf16\)"):
+        quantize_model(q, "int8")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_weight_only_bf16_decodes_like_its_own_forward(ref, native, monkeypatch):
+    """Decode (the step: x rounded to bf16, fp32 out) and the prefill GEMM (bf16 out where native) agree
+    within bf16 rounding."""
+    monkeypatch.setattr(lowp, "native_bf16", lambda: native)
+    q = quantize_model(copy.deepcopy(ref), "bf16")
+    ids = torch.randint(3, 512, (2, 16))
+    cache = q.allocate_cache(2)
+    with torch.no_grad():
+        want = q(ids).logits
+        got = torch.cat([q(ids[:, t:t + 1], cache=cache).logits for t in range(16)], dim=1)
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-2 if native else 1e-2)
+
+
+def test_from_pretrained_loads_weight_only_bf16_straight_and_saves_it(tmp_path, ref, monkeypatch):
+    """The matrices of a bf16 checkpoint are read as bf16 (never through fp32), the rest as float32; the
+    same model as quantize_model on the float load; saved and loaded back as stored."""
+    import jambalab.hf as hf
+
+    ref.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    ref.float()
+    reads, real = {}, hf._converted
+    monkeypatch.setattr(hf, "_converted", lambda src, name, shape, dtype: reads.setdefault(name, dtype) and
+                        real(src, name, shape, dtype))
+    q = jambalab.from_pretrained(tmp_path / "bf16", quantize="bf16")
+    monkeypatch.undo()
+    assert {n for n, d in reads.items() if d == torch.bfloat16} >= {"lm_head.weight", "model.layers.0.mamba.in_proj.weight"}
+    assert reads["model.layers.0.mamba.x_proj.weight"] == reads["model.final_layernorm.weight"] == torch.float32
+    want = quantize_model(jambalab.from_pretrained(tmp_path / "bf16", dtype=torch.float32), "bf16")
+    assert q.quantization == want.quantization
+    for (n, a), (_, b) in zip(q.state_dict().items(), want.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), n
+    with pytest.raises(InputError, match="takes no group size"):
+        jambalab.from_pretrained(tmp_path / "bf16", quantize="bf16", group_size=32)
+    save_quantized(q, tmp_path / "w16")
+    again = jambalab.from_pretrained(tmp_path / "w16")
+    ids = torch.randint(3, 512, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, q(ids).logits)
+    assert again.quantization == q.quantization and again.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_generate_cli_takes_bf16_weights(tmp_path, ref, capsys):
+    from jambalab.cli import main
+
+    ref.save_pretrained(tmp_path / "float")
+    assert main(["generate", "--model", str(tmp_path / "float"), "--prompt", "Hi", "--max-new-tokens", "3",
+                 "--bf16-weights"]) == 0
+    assert main(["generate", "--model", str(tmp_path / "float"), "--prompt", "Hi", "--bf16-weights",
+                 "--group-size", "32"]) != 0
+    assert "no group size" in capsys.readouterr().err

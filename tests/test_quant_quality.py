@@ -44,7 +44,7 @@ def test_variants_quantize_once_per_base(qq):
 
 def test_every_precision_is_measured_on_a_tiny_model(qq, text_ids, lm_rows):
     rows = lm_rows
-    assert [r["precision"] for r in rows] == ["fp32", "bf16", "int8/bf16", "int8-g128/bf16", "int4-g32/bf16",
+    assert [r["precision"] for r in rows] == ["fp32", "bf16", "bf16w/fp32", "int8/bf16", "int8-g128/bf16", "int4-g32/bf16",
                                               "int4-g64/bf16", "int4-g128/bf16"]
     by = {r["precision"]: r for r in rows}
     for r in rows:
@@ -57,14 +57,15 @@ def test_every_precision_is_measured_on_a_tiny_model(qq, text_ids, lm_rows):
         else:
             assert set(drift) == {"rel_l2", "max_abs", "kl", "top1_agree"}
             assert 0 < drift["rel_l2"] < 1 and drift["kl"] >= 0 and 0 <= drift["top1_agree"] <= 1
-        assert ("target" in r) == (r["scheme"] is not None)
+        assert ("target" in r) == (r["scheme"] in ("int8", "int4"))
     assert by["bf16"]["ppl_vs_bf16"] == 0
     # fewer bits, larger drift; smaller groups, smaller drift; fewer bytes
     assert by["bf16"]["drift_vs_fp32"]["rel_l2"] < by["int8/bf16"]["drift_vs_fp32"]["rel_l2"]
     assert by["int8/bf16"]["drift_vs_fp32"]["rel_l2"] < by["int4-g32/bf16"]["drift_vs_fp32"]["rel_l2"]
     assert by["int4-g32/bf16"]["drift_vs_fp32"]["rel_l2"] < by["int4-g128/bf16"]["drift_vs_fp32"]["rel_l2"]
     assert by["int4-g32/bf16"]["weight_bytes"] < by["int8/bf16"]["weight_bytes"] < by["bf16"]["weight_bytes"]
-    assert by["bf16"]["weight_bytes"] < by["fp32"]["weight_bytes"]
+    assert by["bf16"]["weight_bytes"] < by["bf16w/fp32"]["weight_bytes"] < by["fp32"]["weight_bytes"]
+    assert by["bf16w/fp32"]["drift_vs_fp32"]["rel_l2"] < by["int8/bf16"]["drift_vs_fp32"]["rel_l2"]
     assert any(line.startswith("int4-g32/bf16") for line in qq.format_lm(rows))
 
 

@@ -11,7 +11,7 @@ Legend: d d_model, D d_inner, N d_state, R dt_rank, V vocab, E experts, K expert
     3. llama.cpp    llama-bench -t 2 -p 512 -n 64 -r 3 -o json, per file.
     4. jambalab     the same work: prefill 512 tokens (one forward, the last token's logits) and decode
                     64 tokens from an empty context (like llama-bench's pp512 and tg64), 3 timed runs
-                    after one warm-up, for fp32, bf16, int8 and int4 via
+                    after one warm-up, for fp32, bf16 (a bf16 model), bf16w (weight-only bf16), int8 and int4 via
                     jambalab.from_pretrained(path, dtype=..., quantize=...).
     5. bound        decode as % of the bandwidth bound: weight bytes one token reads x tokens/s / this
                     machine's read bandwidth (machine.read_bandwidth_gbs, in its own process).
@@ -37,11 +37,14 @@ from jambalab.bench.machine import best_of
 from jambalab.errors import InputError
 
 # (jambalab precision, llama.cpp file type) pairs, one table row each.
-PAIRS = [("fp32", "F32"), ("bf16", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M")]
-# jambalab precision -> from_pretrained(dtype=..., quantize=...). Quantized models keep their float parts
-# and activations in float32 (from_pretrained's default with quantize=), as llama.cpp's Q8_0 / Q4_0 do.
-PRECISIONS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("float32", "int8"),
-              "int4": ("float32", "int4")}
+PAIRS = [("fp32", "F32"), ("bf16", "BF16"), ("bf16w", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_0"),
+         ("int4", "Q4_K_M")]
+# jambalab precision -> from_pretrained(dtype=..., quantize=...). bf16 is a bf16 model (bf16 activations and
+# states, HF's layout); bf16w is weight-only bf16 (`--bf16-weights`: bf16 matrices, float32 rest and
+# activations), llama.cpp's BF16 layout. Quantized models keep their float parts and activations in float32
+# too (from_pretrained's default with quantize=), as llama.cpp's Q8_0 / Q4_0 do.
+PRECISIONS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "bf16w": ("float32", "bf16"),
+              "int8": ("float32", "int8"), "int4": ("float32", "int4")}
 
 
 # =======================================================================================
@@ -227,7 +230,7 @@ class Plan:
         return [s for s in every if s.key in self.models]
 
     def gguf_types(self) -> list[str]:
-        return [g for p, g in PAIRS if p in self.precisions]
+        return list(dict.fromkeys(g for p, g in PAIRS if p in self.precisions))  # BF16 once for bf16 and bf16w
 
 
 QUICK = Plan(a_layers=2, prompt=32, gen=8, repeat=1, quick=True, bandwidth_mib=64, timeout_s=600, parity_tokens=8)

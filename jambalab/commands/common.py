@@ -44,10 +44,13 @@ def run_with_threads(threads: int | None, body: Callable[[], int]) -> int:
 
 
 def add_precision_args(p: argparse.ArgumentParser) -> None:
-    """--dtype, --int8 / --int4 and --group-size: the precision a model is loaded and run in."""
+    """--dtype, --bf16-weights / --int8 / --int4 and --group-size: the precision a model is loaded and run in."""
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="float dtype of weights and activations (default: the checkpoint's; fp32 for presets)")
     q = p.add_mutually_exclusive_group()
+    q.add_argument("--bf16-weights", dest="quantize", action="store_const", const="bf16",
+                   help="weight-only bf16: the large matrices in bf16, the rest and the activations float32 "
+                        "(llama.cpp's BF16 layout; jambalab.quant)")
     q.add_argument("--int8", dest="quantize", action="store_const", const="int8",
                    help="int8 weight-only quantization, per output channel (jambalab.quant)")
     q.add_argument("--int4", dest="quantize", action="store_const", const="int4",

@@ -80,8 +80,15 @@ def _bias32(bias: Tensor | None) -> Tensor | None:
 
 
 def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear for a bf16 / fp16 weight (N, K), any x dtype."""
+    """F.linear for a bf16 / fp16 weight (N, K), any x dtype.
+
+    float32 x over a bf16 weight is weight-only bf16 (quant.quantize_model(model, "bf16")): decode-sized
+    calls (<= 16 rows) run gemv.cpp's gemv, which widens the weight in registers (fp32 arithmetic, each
+    row's result independent of the batch), and prefill the native bf16 GEMM where the CPU has one
+    (x rounded to bf16, as llama.cpp's BF16 matmul does), else fp32 tiles of the weight."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if x.dtype == torch.float32 and weight.dtype == torch.bfloat16 and not needs_grad:
+        return _bf16_weight_linear(x, weight, bias)
     ops = None if needs_grad or not weight.is_contiguous() else _decode_kernels(x, weight, bias)
     if ops is not None:
         y = ops.wgemv(x.reshape(-1, x.shape[-1]).contiguous(), weight, None, 0, _bias32(bias))  # (M, N)
@@ -89,6 +96,20 @@ def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     if needs_grad or not x.is_cpu or gemm_dtype(x.dtype) == weight.dtype == x.dtype:
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     # No native 16-bit GEMM here: fp32 tiles of the weight (an exact conversion), fp32 GEMM.
+    return _tiled(x, weight.shape[0], lambda lo, hi: weight[lo:hi].float(), weight.shape[1] * 4, bias)
+
+
+def _bf16_weight_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """float32 x (..., K) @ bf16 weight (N, K)^T + bias, in float32 (inference)."""
+    ops = _decode_kernels(x, weight, bias, max_rows=GEMV_ROWS_QUANT) if weight.is_contiguous() else None
+    if ops is not None:
+        y = ops.gemv(x.reshape(-1, x.shape[-1]).contiguous(), weight, _bias32(bias))  # (M, N)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    if not x.is_cpu:
+        return F.linear(x, weight.float(), None if bias is None else bias.float())
+    if quant_gemm_dtype() == torch.bfloat16:
+        y = F.linear(x.to(torch.bfloat16), weight).float()  # (..., N)
+        return y if bias is None else y + bias.float()
     return _tiled(x, weight.shape[0], lambda lo, hi: weight[lo:hi].float(), weight.shape[1] * 4, bias)
 
 

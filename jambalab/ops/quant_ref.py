@@ -123,6 +123,13 @@ def wgemv_ref(x: Tensor, weight: Tensor, scales: Tensor | None, group_size: int,
     return y.to(x.dtype)
 
 
+def bf16_gemv_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Twin of the gemv op over a bf16 weight (weight-only bf16): fp32 x rounded to bf16, exact
+    products, sums in fp32 (float64 here: the kernel's sums differ only in order)."""
+    y = F.linear(x.to(torch.bfloat16).double(), weight.double(), None if bias is None else bias.double())
+    return y.float()
+
+
 ACT_BLOCK = 32  # activation values per int8 scale in wgemv_a8 (llama.cpp's Q8_0 block)
 
 # What a product with int8 / 4-bit weights does with its activations, in every path (decode GEMV,

@@ -1,5 +1,6 @@
 // Two ops of the decode path, beside their pure-PyTorch twins (jambalab/ops/fused.py):
-// - gemv: y (R, N) = x (R, K) @ W (N, K)^T + bias for R <= 16 rows (twin: F.linear);
+// - gemv: y (R, N) = x (R, K) @ W (N, K)^T + bias for R <= 16 rows, x float32, W float32 or bf16
+//   (weight-only bf16: widened exactly in registers, fp32 arithmetic; twin: F.linear on W.float());
 // - rms_norm: y = x * rsqrt(mean(x^2) + eps) * weight over the last dim, fp32 (twin:
 //   jambalab.ops.rms_norm_ref, HF's op order). On CPU F.rms_norm is a chain of ~7 ops,
 //   ~60 us for a 16-wide row; a decode token of bench-hybrid runs 38 norms.
@@ -16,13 +17,18 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <vector>
 
 #include "kernels.h"
 #include "simd.h"  // kVecBytes, W, vf, load, hsum
@@ -110,12 +116,171 @@ void gemv_rows(const float* x, const float* w, const float* bias, float* y, int6
   at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) { outputs<R>(x, w, bias, y, K, N, lo, hi, rows); });
 }
 
+// ---------------------------------------------------------------- bf16 weights, fp32 x
+// Weight-only bf16 (quant.py's "bf16"): x is rounded to bf16 once per call (round to nearest even, as
+// x.to(torch.bfloat16)), then every product of a bf16 x and a bf16 weight is exact in fp32 and summed in
+// fp32: what llama.cpp's BF16 matmul computes, and what the prefill's bf16 GEMM computes (its output
+// then rounded to bf16). Where the CPU has AVX512-BF16, vdpbf16ps does 32 of these products a
+// instruction with no conversion at all; reading the weights widened to fp32 instead (two shuffle-port
+// uops per 16 weights) ran 10-30% below it on a Zen 4. Elsewhere the weights widen in registers (split
+// trick below). Each row of x runs the same instructions whatever the batch (bitwise the same alone).
+//
+// Software prefetch kAhead bytes ahead in the weight stream (rows are contiguous, so it runs on into the
+// next row): a checkpoint already in bf16 is memory-mapped, on 4 KiB pages, where the hardware
+// prefetcher stops at every page boundary.
+constexpr int64_t kAhead = 2048;
+ALWAYS_INLINE void prefetch_lines(const uint16_t* p, int bytes) {
+  for (int j = 0; j < bytes; j += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + kAhead + j, _MM_HINT_T0);
+}
+
+#if defined(__AVX512BF16__)
+constexpr int kPair = 32;  // bf16 values a vdpbf16ps reads from each operand
+typedef uint16_t xbf16;    // the prepared x: bf16 bits
+
+ALWAYS_INLINE __m512bh ld(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+ALWAYS_INLINE __m512bh ld_tail(const uint16_t* p, int64_t n) {
+  return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32(1) << n) - 1, p);  // n < 32: zeros add nothing
+}
+ALWAYS_INLINE float bf16_sum(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+ALWAYS_INLINE float bf16_one_row(const uint16_t* wo, const uint16_t* x0, int64_t K) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 4 * kPair <= K; k += 4 * kPair) {
+    prefetch_lines(wo + k, 4 * kPair * 2);
+    a0 = _mm512_dpbf16_ps(a0, ld(wo + k), ld(x0 + k));
+    a1 = _mm512_dpbf16_ps(a1, ld(wo + k + kPair), ld(x0 + k + kPair));
+    a2 = _mm512_dpbf16_ps(a2, ld(wo + k + 2 * kPair), ld(x0 + k + 2 * kPair));
+    a3 = _mm512_dpbf16_ps(a3, ld(wo + k + 3 * kPair), ld(x0 + k + 3 * kPair));
+  }
+  for (; k + kPair <= K; k += kPair) a0 = _mm512_dpbf16_ps(a0, ld(wo + k), ld(x0 + k));
+  if (k < K) a1 = _mm512_dpbf16_ps(a1, ld_tail(wo + k, K - k), ld_tail(x0 + k, K - k));
+  return bf16_sum(a0, a1, a2, a3);
+}
+
+ALWAYS_INLINE void bf16_two_rows(const uint16_t* wo, const uint16_t* x0, const uint16_t* x1, int64_t K, float* y0,
+                                 float* y1) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  int64_t k = 0;
+  for (; k + 4 * kPair <= K; k += 4 * kPair) {
+    prefetch_lines(wo + k, 4 * kPair * 2);
+    const __m512bh w0 = ld(wo + k), w1 = ld(wo + k + kPair), w2 = ld(wo + k + 2 * kPair), w3 = ld(wo + k + 3 * kPair);
+    a0 = _mm512_dpbf16_ps(a0, w0, ld(x0 + k));
+    b0 = _mm512_dpbf16_ps(b0, w0, ld(x1 + k));
+    a1 = _mm512_dpbf16_ps(a1, w1, ld(x0 + k + kPair));
+    b1 = _mm512_dpbf16_ps(b1, w1, ld(x1 + k + kPair));
+    a2 = _mm512_dpbf16_ps(a2, w2, ld(x0 + k + 2 * kPair));
+    b2 = _mm512_dpbf16_ps(b2, w2, ld(x1 + k + 2 * kPair));
+    a3 = _mm512_dpbf16_ps(a3, w3, ld(x0 + k + 3 * kPair));
+    b3 = _mm512_dpbf16_ps(b3, w3, ld(x1 + k + 3 * kPair));
+  }
+  for (; k + kPair <= K; k += kPair) {
+    const __m512bh w0 = ld(wo + k);
+    a0 = _mm512_dpbf16_ps(a0, w0, ld(x0 + k));
+    b0 = _mm512_dpbf16_ps(b0, w0, ld(x1 + k));
+  }
+  if (k < K) {
+    const __m512bh w0 = ld_tail(wo + k, K - k);
+    a1 = _mm512_dpbf16_ps(a1, w0, ld_tail(x0 + k, K - k));
+    b1 = _mm512_dpbf16_ps(b1, w0, ld_tail(x1 + k, K - k));
+  }
+  *y0 = bf16_sum(a0, a1, a2, a3);
+  *y1 = bf16_sum(b0, b1, b2, b3);
+}
+
+// x (R, K) rounded to bf16, as is.
+void bf16_prepare(const float* x, int64_t R, int64_t K, xbf16* xp) {
+  for (int64_t i = 0; i < R * K; ++i) xp[i] = c10::BFloat16(x[i]).x;
+}
+#else
+// No AVX512-BF16: a vector of W uint32 lanes holds 2W bf16 weights, k even in the low half of each lane
+// and k odd in the high half. Each half is an fp32 exactly: u << 16 (the even ones) and u & 0xffff0000
+// (the odd ones), two plain integer ops (widening W bf16 to W lanes is a cross-lane shuffle). So the
+// rounded x is stored as fp32, split per block of 2W values into its W even then its W odd values; the
+// tail past the last full block stays in order.
+typedef float xbf16;
+typedef uint32_t vu32x __attribute__((vector_size(kVecBytes)));
+constexpr int kSplit = 2 * W;  // bf16 weights per vector load
+
+ALWAYS_INLINE vu32x wload32(const uint16_t* p) {
+  vu32x u;
+  std::memcpy(&u, p, sizeof u);
+  return u;
+}
+ALWAYS_INLINE vf even(vu32x u) { return std::bit_cast<vf>(u << 16); }
+ALWAYS_INLINE vf odd(vu32x u) { return std::bit_cast<vf>(u & 0xffff0000u); }
+ALWAYS_INLINE float bf16_one(uint16_t v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
+
+ALWAYS_INLINE float bf16_finish(vf a0, vf a1, vf a2, vf a3, const uint16_t* wo, const float* xs, int64_t k, int64_t K) {
+  float t = hsum((a0 + a1) + (a2 + a3));
+  for (; k < K; ++k) t += bf16_one(wo[k]) * xs[k];
+  return t;
+}
+
+ALWAYS_INLINE float bf16_one_row(const uint16_t* wo, const float* xs, int64_t K) {
+  vf a0{}, a1{}, a2{}, a3{};
+  int64_t k = 0;
+  for (; k + 2 * kSplit <= K; k += 2 * kSplit) {
+    prefetch_lines(wo + k, 2 * kSplit * 2);
+    const vu32x u0 = wload32(wo + k), u1 = wload32(wo + k + kSplit);
+    a0 += even(u0) * load(xs + k);
+    a1 += odd(u0) * load(xs + k + W);
+    a2 += even(u1) * load(xs + k + kSplit);
+    a3 += odd(u1) * load(xs + k + kSplit + W);
+  }
+  for (; k + kSplit <= K; k += kSplit) {
+    const vu32x u0 = wload32(wo + k);
+    a0 += even(u0) * load(xs + k);
+    a1 += odd(u0) * load(xs + k + W);
+  }
+  return bf16_finish(a0, a1, a2, a3, wo, xs, k, K);
+}
+
+ALWAYS_INLINE void bf16_two_rows(const uint16_t* wo, const float* x0, const float* x1, int64_t K, float* y0, float* y1) {
+  *y0 = bf16_one_row(wo, x0, K);  // the weight row is in L1 for the second
+  *y1 = bf16_one_row(wo, x1, K);
+}
+
+void bf16_prepare(const float* x, int64_t R, int64_t K, xbf16* xp) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * K;
+    float* out = xp + r * K;
+    const auto round = [](float v) { return static_cast<float>(c10::BFloat16(v)); };
+    int64_t k = 0;
+    for (; k + kSplit <= K; k += kSplit) {
+      for (int j = 0; j < W; ++j) {
+        out[k + j] = round(xr[k + 2 * j]);
+        out[k + W + j] = round(xr[k + 2 * j + 1]);
+      }
+    }
+    for (; k < K; ++k) out[k] = round(xr[k]);
+  }
+}
+#endif
+
+void bf16_outputs(const xbf16* xp, int64_t R, const uint16_t* w, const float* bias, float* y, int64_t K, int64_t N,
+                  int64_t lo, int64_t hi) {
+  for (int64_t o = lo; o < hi; ++o) {
+    const uint16_t* wo = w + o * K;
+    int64_t r = 0;
+    for (; r + 2 <= R; r += 2) bf16_two_rows(wo, xp + r * K, xp + (r + 1) * K, K, y + r * N + o, y + (r + 1) * N + o);
+    if (r < R) y[r * N + o] = bf16_one_row(wo, xp + r * K, K);
+  }
+  if (bias) {
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = lo; j < hi; ++j) y[r * N + j] += bias[j];
+  }
+}
+
 }  // namespace
 
 namespace jambalab {
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "gemv: float32 only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
+              "gemv: float32 x and a float32 or bf16 weight, got ", x.scalar_type(), " and ", weight.scalar_type());
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "gemv: x must be contiguous (R, K)");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "gemv: weight must be contiguous (N, K)");
   const int64_t R = x.size(0), K = x.size(1), N = weight.size(0);
@@ -126,6 +291,15 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
                 "gemv: bias must be contiguous float32 (N,)");
   }
   auto y = at::empty({R, N}, x.options());
+  if (weight.scalar_type() == at::kBFloat16) {
+    const Bf16Rows xb(x.data_ptr<float>(), R, K);
+    const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<c10::BFloat16>());
+    const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    const int64_t grain = std::max<int64_t>(4, 32768 / std::max<int64_t>(1, K));  // >= ~64 KiB of W a task
+    at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) { xb.outputs(wp, bp, yp, N, lo, hi); });
+    return y;
+  }
   const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
@@ -148,6 +322,14 @@ void gemv_outputs(const float* x, int64_t R, const float* w, const float* bias, 
     case 4: outputs<4>(x, w, bias, y, K, N, lo, hi); break;
     default: outputs<0>(x, w, bias, y, K, N, lo, hi, R); break;
   }
+}
+
+Bf16Rows::Bf16Rows(const float* x, int64_t R, int64_t K) : R_(R), K_(K), x_(R * K * sizeof(xbf16) / 2) {
+  bf16_prepare(x, R, K, reinterpret_cast<xbf16*>(x_.data()));
+}
+
+void Bf16Rows::outputs(const uint16_t* w, const float* bias, float* y, int64_t N, int64_t lo, int64_t hi) const {
+  bf16_outputs(reinterpret_cast<const xbf16*>(x_.data()), R_, w, bias, y, K_, N, lo, hi);
 }
 
 }  // namespace jambalab

@@ -16,7 +16,7 @@
 
 namespace jambalab {
 
-// gemv.cpp: y (R, N) = x (R, K) @ weight (N, K)^T + bias, R <= 16, float32.
+// gemv.cpp: y (R, N) = x (R, K) @ weight (N, K)^T + bias, R <= 16, x float32, weight float32 or bf16.
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 // gemv.cpp: RMSNorm over the last dim, float32 (HF's op order).
 at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps);
@@ -38,6 +38,18 @@ at::Tensor conv_update(const at::Tensor& x, at::Tensor& conv_state, const at::Te
 // gemv.cpp: outputs [lo, hi) of y (R, N) = x (R, K) @ w (N, K)^T + bias.
 void gemv_outputs(const float* x, int64_t R, const float* w, const float* bias, float* y, int64_t K, int64_t N,
                   int64_t lo, int64_t hi);
+// gemv.cpp: the gemv op over a bf16 weight (weight-only bf16) in two parts: Bf16Rows rounds x (R, K) to
+// bf16 once (as the op does); outputs() then computes outputs [lo, hi) of y (R, N) = x @ W^T + bias for
+// any bf16 W (N, K) (its raw 16-bit values), exactly as the op computes them.
+class Bf16Rows {
+ public:
+  Bf16Rows(const float* x, int64_t R, int64_t K);
+  void outputs(const uint16_t* w, const float* bias, float* y, int64_t N, int64_t lo, int64_t hi) const;
+
+ private:
+  int64_t R_, K_;
+  std::vector<uint16_t> x_;  // the prepared x (bf16 bits, or fp32 in the layout of the kernel without AVX512-BF16)
+};
 // gemv.cpp: RMSNorm of `rows` rows of K floats (w may be null: weightless).
 void rms_norm_rows(const float* x, const float* w, float* y, int64_t rows, int64_t K, float eps);
 // causal_conv1d.cpp: out (rows, D) = softplus(x + bias).

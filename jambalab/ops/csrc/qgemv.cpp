@@ -42,19 +42,7 @@ namespace {
 constexpr int kMaxRows = 4;
 constexpr int kRun = 32;  // 4-bit packing run (16 bytes)
 
-typedef uint16_t vu16 __attribute__((vector_size(2 * W)));
-typedef uint32_t vu32 __attribute__((vector_size(4 * W)));
-
 enum class Fmt { BF16, F16, I8, I4 };
-
-ALWAYS_INLINE vf bf16_to_vf(const uint16_t* p) {
-  vu16 h;
-  std::memcpy(&h, p, sizeof h);
-  const vu32 u = __builtin_convertvector(h, vu32) << 16;  // bf16 is the top half of an fp32
-  vf f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 ALWAYS_INLINE vf f16_to_vf(const c10::Half* p) {
 #if defined(__AVX512F__)

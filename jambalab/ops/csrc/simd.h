@@ -54,6 +54,20 @@ ALWAYS_INLINE float hsum(vf v) {
   return v[0];
 }
 
+// W bf16 values (their 16 bits) -> W floats: bf16 is the top half of an fp32, so a zero-extend and a
+// shift are the exact conversion (vpmovzxwd + vpslld).
+typedef uint16_t vu16 __attribute__((vector_size(2 * W)));
+typedef uint32_t vu32 __attribute__((vector_size(4 * W)));
+
+ALWAYS_INLINE vf bf16_to_vf(const uint16_t* p) {
+  vu16 h;
+  std::memcpy(&h, p, sizeof h);
+  const vu32 u = __builtin_convertvector(h, vu32) << 16;
+  vf f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
 // 2^u, branch-free so that GCC vectorises the loops calling it (std::exp stays a scalar
 // libm call without -ffast-math, and was most of the conv kernel's time): u = n + r with n an
 // integer, |r| <= 1/2, 2^r by its degree-6 Taylor polynomial (relative error < 2e-7).

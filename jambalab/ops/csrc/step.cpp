@@ -1,9 +1,10 @@
 // A whole decode step, all layers, in one op call: token ids (R,) -> logits (R, V), the cache's
 // states updated in place. Float32 activations and states, CPU, 1 to 16 rows, one new token each, no
 // padding; each row at its own position (past[r] cached tokens: a plain batch or the serving engine's
-// ragged slots). Weight matrices are float32, or int8 / 4-bit with fp16 group scales (quant.py's
-// formats; scales[i] beside weights[i], empty for a float one): those multiply as wgemv_a8 does
-// (x rounded to int8 per block of 32, the int8-activation mode), in the layer path's blocks of 4 rows.
+// ragged slots). Weight matrices are float32, bf16 (weight-only bf16: x rounded to bf16, exact products,
+// fp32 sums, as the gemv op), or int8 / 4-bit with fp16 group scales (quant.py's formats; scales[i]
+// beside weights[i], empty for a float one): those multiply as wgemv_a8 does (x rounded to int8 per
+// block of 32, the int8-activation mode), in the layer path's blocks of 4 rows.
 //
 // Legend: R rows, d d_model, D d_inner, N d_state, Rk dt_rank, Kc d_conv, H heads, Hk KV heads,
 // hd head_dim, S attended keys, E experts, F d_ff, V vocab.
@@ -141,12 +142,12 @@ class StepPool {
 
 const float* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
-// A weight matrix (N, K): float32, or int8 (N, K) / 4-bit uint8 (N, K / 2) with fp16 scales (N, K / G).
+// A weight matrix (N, K): float32, bf16, or int8 (N, K) / 4-bit uint8 (N, K / 2) with fp16 scales (N, K / G).
 struct Mat {
   const void* w = nullptr;
   const c10::Half* s = nullptr;
   int64_t N = 0, K = 0, G = 0, row_bytes = 0;
-  bool quantized = false, int4 = false;
+  bool quantized = false, int4 = false, bf16 = false;
   int64_t bytes() const { return N * row_bytes + (quantized ? N * (K / G) * 2 : 0); }
 };
 
@@ -156,6 +157,7 @@ Mat mat(const at::Tensor& w, const at::Tensor& s) {
   m.N = w.size(0);
   m.quantized = s.numel() > 0;
   m.int4 = w.scalar_type() == at::kByte;
+  m.bf16 = w.scalar_type() == at::kBFloat16;
   m.K = m.int4 ? 2 * w.size(1) : w.size(1);
   m.row_bytes = w.size(1) * w.element_size();
   if (m.quantized) {
@@ -203,6 +205,12 @@ struct Step {
   // for a matrix of the same kind and K) or quantizes it here.
   void gemv(const float* x, const Mat& m, const float* b, float* y,
             const std::vector<jambalab::A8Rows>* pre = nullptr) const {
+    if (m.bf16) {
+      const auto* wp = static_cast<const uint16_t*>(m.w);
+      const jambalab::Bf16Rows xb(x, R, m.K);
+      outputs(m, [&](int64_t lo, int64_t hi) { xb.outputs(wp, b, y, m.N, lo, hi); });
+      return;
+    }
     if (!m.quantized) {
       const float* wp = static_cast<const float*>(m.w);
       outputs(m, [&](int64_t lo, int64_t hi) { jambalab::gemv_outputs(x, R, wp, b, y, m.K, m.N, lo, hi); });
@@ -388,15 +396,18 @@ constexpr int kMaxRows = 16;
 
 // states: per Mamba layer conv (R, D, Kc) and ssm (R, D, N); per attention layer R K caches then R
 // V caches, each (1, Hk, capacity, hd). past (R,): the tokens each row already holds.
-// weights[i] float32, or int8 / uint8 (4-bit) with scales[i] fp16 (its rows, K / G); scales[i] empty for float.
+// weights[i] float32 (any slot), bf16 (a matrix), or int8 / uint8 (4-bit) with scales[i] fp16 (its rows, K / G);
+// scales[i] empty for float. A bf16 tensor in a slot the step reads as float32 (a norm, a bias) is refused
+// where it is read (data_ptr<float>).
 void check_weight(const at::Tensor& w, const at::Tensor& s, size_t i) {
   TORCH_CHECK(w.is_contiguous() && w.device().is_cpu(), "decode_step: weights[", i, "] must be a contiguous CPU tensor");
-  if (w.scalar_type() == at::kFloat) {
-    TORCH_CHECK(s.numel() == 0, "decode_step: weights[", i, "] is float32 but has scales");
+  if (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(s.numel() == 0, "decode_step: weights[", i, "] is ", w.scalar_type(), " but has scales");
+    TORCH_CHECK(w.scalar_type() == at::kFloat || w.dim() >= 2, "decode_step: weights[", i, "] is bf16 but not a matrix");
     return;
   }
   TORCH_CHECK(w.scalar_type() == at::kChar || w.scalar_type() == at::kByte,
-              "decode_step: weights[", i, "] must be float32, int8 or uint8 (4-bit), got ", w.scalar_type());
+              "decode_step: weights[", i, "] must be float32, bf16, int8 or uint8 (4-bit), got ", w.scalar_type());
   const int64_t K = w.scalar_type() == at::kByte ? 2 * w.size(-1) : w.size(-1);
   TORCH_CHECK(w.dim() >= 2 && s.scalar_type() == at::kHalf && s.is_contiguous() && s.dim() == w.dim() &&
                   s.sizes().slice(0, s.dim() - 1) == w.sizes().slice(0, w.dim() - 1) && s.size(-1) > 0 &&
