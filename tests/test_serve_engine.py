@@ -264,7 +264,7 @@ def test_chunks_deep_into_a_prompt_shrink_to_the_first_chunks_flops(models, engi
     engine = engines(model, max_seq_len=2048)
     cost = engine.cost
     assert cost.attention > 0 and cost.linear > 0
-    long_len = 3 * cost.linear // cost.attention  # deep enough that attention dominates a token's cost
+    long_len = int(3 * cost.linear // cost.attention)  # deep enough that attention dominates a token's cost
     stream, long_prompt = _prompts([5, long_len], seed=7)
     s = engine.submit(stream, SamplingParams(max_tokens=600))
     while len(s.tokens) < 2:
@@ -299,3 +299,20 @@ def test_prefill_cost_chunk_end():
         end = cost.chunk_end(start, 64, budget)
         assert start < end < start + 64 and cost(start, end) <= budget < cost(start, end + 1)
     assert cost.chunk_end(10**9, 64, budget) == 10**9 + 1  # never less than one token
+
+
+def test_the_attention_weight_makes_deep_chunks_shorter():
+    """EngineConfig.attention_cost weighs attention FLOPs against GEMM ones: deep in a prompt, where attention
+    dominates, a heavier weight cuts shorter chunks; at position 0 the chunk stays whole."""
+    from jambalab.serve.cost import PrefillCost
+
+    model = jambalab.from_preset("tiny-hybrid")
+    plain, heavy = PrefillCost(model), PrefillCost(model, 2.0)
+    assert heavy.attention == 2 * plain.attention and heavy.linear == plain.linear
+    assert heavy.chunk_end(0, 64, heavy(0, 64)) == 64
+    assert heavy.chunk_end(50_000, 64, heavy(0, 64)) < plain.chunk_end(50_000, 64, plain(0, 64))
+    engine = Engine(model, EngineConfig(attention_cost=2.0, prefix_cache_bytes=0))
+    assert engine.cost.attention == heavy.attention
+    for bad in (0, -1, True, "1.4", 1e3):
+        with pytest.raises(ConfigError, match="attention_cost"):
+            EngineConfig(attention_cost=bad).validate()

@@ -9,6 +9,12 @@ So prefilling tokens [start, end) costs
 
 A chunk that attends over a long cached prefix costs more than one of the same length at the
 start: at 100,000 cached tokens, bench-hybrid's attention term is ~4x its linear term.
+
+An attention FLOP is not a GEMM FLOP: SDPA over a long prefix with a short chunk of queries runs below
+the GEMMs' rate. `attention_weight` scales the attention term to what it costs in time. The engine's
+default (EngineConfig.attention_cost, 1.4) is a least-squares fit of 1,182 chunk times of a 100,000-token
+prompt of bench-hybrid on the 2-core CPU (time = a * linear + b * attention; b / a = 1.42); with weight
+1, the last tenth's chunks ran 34% longer than the first tenth's.
 """
 
 from __future__ import annotations
@@ -17,12 +23,12 @@ import math
 
 
 class PrefillCost:
-    def __init__(self, model):
+    def __init__(self, model, attention_weight: float = 1.0):
         cfg = model.config
         tables = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)  # embedding, lm_head
         self.linear = 2 * (model.num_active_parameters() - tables)
         n_attn = sum(cfg.is_attention(i) for i in range(cfg.n_layers))
-        self.attention = 4 * n_attn * cfg.n_heads * cfg.head_dim
+        self.attention = 4 * n_attn * cfg.n_heads * cfg.head_dim * attention_weight
 
     def __call__(self, start: int, end: int) -> float:
         """FLOPs to prefill tokens [start, end) after `start` cached ones."""

@@ -85,6 +85,7 @@ class EngineConfig:
     prefix_checkpoint_every: int = 512
     eviction: str = "marconi"  # or "lru"
     max_waiting: int = 256  # submit() beyond this raises EngineFullError
+    attention_cost: float = 1.4  # an attention FLOP's time in GEMM FLOPs (serve/cost.py: measured on the 2-core CPU)
 
     def validate(self) -> None:
         for name in ("max_batch", "max_seq_len", "chunk_size", "prefix_checkpoint_every", "max_waiting"):
@@ -95,6 +96,9 @@ class EngineConfig:
             raise ConfigError(f"EngineConfig.kv_budget_tokens must be a positive integer or None, got {self.kv_budget_tokens!r}")
         if not isinstance(self.prefix_cache_bytes, int) or self.prefix_cache_bytes < 0:
             raise ConfigError(f"EngineConfig.prefix_cache_bytes must be an integer >= 0, got {self.prefix_cache_bytes!r}")
+        if isinstance(self.attention_cost, bool) or not isinstance(self.attention_cost, (int, float)) \
+                or not 0 < self.attention_cost < 100:
+            raise ConfigError(f"EngineConfig.attention_cost must be a number in (0, 100), got {self.attention_cost!r}")
         if self.eviction not in ("marconi", "lru"):
             raise ConfigError(f"EngineConfig.eviction must be 'marconi' or 'lru', got {self.eviction!r}")
 
@@ -187,9 +191,10 @@ class Engine:
         self.model = model.eval()
         self.vocab_size = model.config.vocab_size
         self.slots = SlotCache(model, self.config.max_batch)
-        self.prefix = (PrefixCache(model, self.config.prefix_cache_bytes, self.config.eviction)
+        self.prefix = (PrefixCache(model, self.config.prefix_cache_bytes, self.config.eviction,
+                                   attention_cost=self.config.attention_cost)
                        if self.config.prefix_cache_bytes > 0 else None)
-        self.cost = PrefillCost(model)
+        self.cost = PrefillCost(model, self.config.attention_cost)
         self.step_flops = self.cost(0, self.config.chunk_size)  # one step's prefill budget: a first chunk
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)

@@ -39,9 +39,10 @@ class _Node:
 
 
 class PrefixCache:
-    def __init__(self, model, budget_bytes: int, eviction: str = "marconi", alpha: float = 1.0):
+    def __init__(self, model, budget_bytes: int, eviction: str = "marconi", alpha: float = 1.0,
+                 attention_cost: float = 1.0):
         self.budget, self.eviction, self.alpha = budget_bytes, eviction, alpha
-        self._cost = PrefillCost(model)
+        self._cost = PrefillCost(model, attention_cost)  # what a checkpoint saves, in time-weighted FLOPs
         self.root = _Node((), 0)
         self._clock = 0
         self.lookups = self.hits = self.tokens_reused = self.bytes = self.evictions = self.checkpoints = 0
