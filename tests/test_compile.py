@@ -14,12 +14,15 @@ from jambalab.quant import QuantLinear, quantize_model
 pytestmark = pytest.mark.skipif(cpu.kernels() is None, reason=f"kernels did not build: {cpu.build_error()}")
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "bf16"])
-@pytest.mark.parametrize("rows", [1, 9])  # the decode GEMV op, and the dequantized-tile prefill
+@pytest.mark.parametrize("fmt", ["int8", "int4", "bf16", "bf16w"])
+@pytest.mark.parametrize("rows", [1, 9, 20])  # the decode GEMV op (1, 9 rows; 9 is prefill for int8 / int4), prefill
 def test_low_precision_linear_compiles_as_one_graph(fmt, rows):
     lin = Linear(64, 48)
     if fmt == "bf16":
         mod, dtype = lin.to(torch.bfloat16), torch.bfloat16
+    elif fmt == "bf16w":  # weight-only bf16: a bf16 weight, float32 x
+        lin.weight = torch.nn.Parameter(lin.weight.detach().bfloat16(), requires_grad=False)
+        mod, dtype = lin, None
     else:
         mod, dtype = QuantLinear.from_linear(lin, 8 if fmt == "int8" else 4, None if fmt == "int8" else 32, "l"), None
     x = torch.randn(rows, 64, dtype=dtype or torch.float32)
@@ -30,7 +33,7 @@ def test_low_precision_linear_compiles_as_one_graph(fmt, rows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+@pytest.mark.parametrize("scheme", [None, "int8", "int4", "bf16"])
 def test_compiled_model_gives_the_eager_logits(scheme):
     """Inductor on the whole model (graph breaks allowed where the model reads data: input checks,
     the MoE's tokens per expert): prefill and a few cached decode steps."""
