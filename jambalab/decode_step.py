@@ -6,7 +6,8 @@ JambaLM.forward takes this path for one new token per row of a float32 CPU model
 on a cache already holding a prefix, without padding: a plain cache (every row at the same
 position) or the serving engine's ragged SlotBatch (each row at its own length, its own K/V
 tensors), outside autograd. The model's matrices may be bf16 (weight-only bf16,
-`quantize="bf16"`: widened in registers, fp32 arithmetic, as the layer path's gemv), or int8 /
+`quantize="bf16"`: x rounded to bf16 once per matrix input, exact products summed in fp32, as the
+layer path's gemv op), or int8 /
 4-bit (quant.QuantLinear, quant.QuantMoE; `from_pretrained(..., quantize="int8" | "int4")`) in the
 int8-activation mode, where they multiply as the layer path's wgemv_a8 does. Anything else (a bf16
 model's bf16 activations and states, the float activation mode over quantized weights, swapped

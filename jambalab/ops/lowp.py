@@ -3,8 +3,9 @@
 Legend: M rows of x (tokens), K in_features, N out_features.
 
 Two regimes, chosen per call by M:
-- decode (M <= 4; quantized weights up to M = 16, in blocks of 4): the weights are read once, in
-  their stored format: the step is bandwidth-bound, so bf16 reads half of fp32's bytes, int8 a
+- decode (M <= 4; quantized weights up to M = 16, in blocks of 4; weight-only bf16, a bf16 weight
+  under float32 x, up to 16 rows through gemv.cpp's gemv): the weights are read once, in their
+  stored format: the step is bandwidth-bound, so bf16 reads half of fp32's bytes, int8 a
   quarter, 4-bit an eighth (plus scales). csrc/qgemv.cpp's wgemv converts them in registers
   (bf16 x bf16 with vdpbf16ps where the CPU has AVX512-BF16); for int8 / 4-bit weights,
   csrc/a8gemv.cpp's wgemv_a8 instead quantizes x to int8 in blocks of 32 and multiplies integers
@@ -82,10 +83,11 @@ def _bias32(bias: Tensor | None) -> Tensor | None:
 def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear for a bf16 / fp16 weight (N, K), any x dtype.
 
-    float32 x over a bf16 weight is weight-only bf16 (quant.quantize_model(model, "bf16")): decode-sized
-    calls (<= 16 rows) run gemv.cpp's gemv, which widens the weight in registers (fp32 arithmetic, each
-    row's result independent of the batch), and prefill the native bf16 GEMM where the CPU has one
-    (x rounded to bf16, as llama.cpp's BF16 matmul does), else fp32 tiles of the weight."""
+    float32 x over a bf16 weight is weight-only bf16 (quant.quantize_model(model, "bf16")): x is rounded
+    to bf16 and the exact products are summed in fp32, as llama.cpp's BF16 matmul does. Decode-sized
+    calls (<= 16 rows) run gemv.cpp's gemv (vdpbf16ps; each row's result independent of the batch),
+    prefill the native bf16 GEMM where the CPU has one (its output rounded to bf16), else fp32 tiles of
+    the weight against the rounded x."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if x.dtype == torch.float32 and weight.dtype == torch.bfloat16 and not needs_grad:
         return _bf16_weight_linear(x, weight, bias)
@@ -105,12 +107,11 @@ def _bf16_weight_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tenso
     if ops is not None:
         y = ops.gemv(x.reshape(-1, x.shape[-1]).contiguous(), weight, _bias32(bias))  # (M, N)
         return y.view(*x.shape[:-1], weight.shape[0])
-    if not x.is_cpu:
-        return F.linear(x, weight.float(), None if bias is None else bias.float())
-    if quant_gemm_dtype() == torch.bfloat16:
-        y = F.linear(x.to(torch.bfloat16), weight).float()  # (..., N)
+    xb = x.to(torch.bfloat16)
+    if not x.is_cpu or quant_gemm_dtype() == torch.bfloat16:
+        y = F.linear(xb, weight).float()  # (..., N)
         return y if bias is None else y + bias.float()
-    return _tiled(x, weight.shape[0], lambda lo, hi: weight[lo:hi].float(), weight.shape[1] * 4, bias)
+    return _tiled(xb.float(), weight.shape[0], lambda lo, hi: weight[lo:hi].float(), weight.shape[1] * 4, bias)
 
 
 def qlinear(x: Tensor, qw: QuantWeight, bias: Tensor | None = None) -> Tensor:
