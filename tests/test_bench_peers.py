@@ -150,3 +150,40 @@ def test_quick_run_against_llama_cpp_end_to_end(work, capsys):
             got = res["llama_cpp"][key][kind]
             assert got["prefill"]["best"] > 0 and got["decode"]["best"] > 0 and got["bytes_per_token"] > 0, got
         assert res["parity"][key].get("tokens_equal") == res["parity"][key].get("tokens", -1), res["parity"][key]
+
+
+def test_rounds_interleave_the_engines_pair_by_pair(work, monkeypatch):
+    """Each round measures a jambalab precision, then its llama.cpp file(s) right after (BF16 once, after
+    bf16); each engine keeps the best of its rounds; a failing file is reported, not retried."""
+    calls = []
+
+    def fake_child(what, spec, timeout_s):
+        if what == "bandwidth":
+            return {"read_gbs": 30.0}
+        calls.append(("jambalab", spec["precision"]))
+        rate = 10.0 + len(calls)
+        return {"prefill": best_of([rate]), "decode": best_of([rate / 10]), "bytes_per_token": 1}
+
+    def fake_bench(llama, gguf, threads, prompt, gen, repeat, timeout_s):
+        calls.append(("llama.cpp", gguf))
+        assert repeat == 1
+        if gguf == "Q4_K_M":
+            raise RuntimeError("llama-bench failed")
+        return {"prefill": [20.0 + len(calls)], "decode": [2.0]}
+
+    monkeypatch.setattr(peers, "run_child", fake_child)
+    monkeypatch.setattr(peers, "llama_bench", fake_bench)
+    monkeypatch.setattr(peers, "gguf_file", lambda llama, path, out, kind, *a: kind)
+    monkeypatch.setattr(peers, "gguf_bytes_per_token", lambda *a: 7)
+    monkeypatch.setattr(peers, "_parity", lambda *a: {"skipped": "test"})
+    plan = peers.replace(peers.QUICK, models=("B",), repeat=2)
+    res = peers.run(plan, work, llama=object(), progress=False)
+    one_round = [("jambalab", "fp32"), ("llama.cpp", "F32"), ("jambalab", "bf16"), ("llama.cpp", "BF16"),
+                 ("jambalab", "bf16w"), ("jambalab", "int8"), ("llama.cpp", "Q8_0"), ("jambalab", "int4"),
+                 ("llama.cpp", "Q4_0"), ("llama.cpp", "Q4_K_M")]
+    assert calls == one_round + [c for c in one_round if c != ("llama.cpp", "Q4_K_M")]
+    ours, theirs = res["jambalab"]["B"], res["llama_cpp"]["B"]
+    assert len(ours["fp32"]["prefill"]["samples"]) == 2 and ours["fp32"]["prefill"]["best"] == max(
+        ours["fp32"]["prefill"]["samples"])
+    assert theirs["F32"]["prefill"]["samples"] == [22.0, 32.0] and theirs["F32"]["bytes_per_token"] == 7
+    assert theirs["Q4_K_M"] == {"error": "llama-bench failed"}

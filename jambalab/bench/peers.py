@@ -8,11 +8,12 @@ Legend: d d_model, D d_inner, N d_state, R dt_rank, V vocab, E experts, K expert
                     transformers' own classes (bf16 safetensors) with a small sentencepiece
                     tokenizer.model; cached under --work, so a rerun skips steps 1 and 2.
     2. GGUF         llama.cpp's convert_hf_to_gguf.py to F32 and BF16, llama-quantize to Q8_0, Q4_0, Q4_K_M.
-    3. llama.cpp    llama-bench -t 2 -p 512 -n 64 -r 3 -o json, per file.
+    3. llama.cpp    llama-bench -t 2 -p 512 -n 64 -r 1 -o json, per file and round.
     4. jambalab     the same work: prefill 512 tokens (one forward, the last token's logits) and decode
-                    64 tokens from an empty context (like llama-bench's pp512 and tg64), 3 timed runs
-                    after one warm-up, for fp32, bf16 (a bf16 model), bf16w (weight-only bf16), int8 and int4 via
-                    jambalab.from_pretrained(path, dtype=..., quantize=...).
+                    64 tokens from an empty context (like llama-bench's pp512 and tg64), one timed run
+                    after one warm-up per round, for fp32, bf16 (a bf16 model), bf16w (weight-only bf16), int8
+                    and int4 via jambalab.from_pretrained(path, dtype=..., quantize=...).
+                    3 rounds (--repeat), each measuring every pair in both engines back to back.
     5. bound        decode as % of the bandwidth bound: weight bytes one token reads x tokens/s / this
                     machine's read bandwidth (machine.read_bandwidth_gbs, in its own process).
     6. parity       (when llama-cpp-python's ctypes bindings sit beside the llama.cpp source, as in its
@@ -254,7 +255,7 @@ def run(plan: Plan, work: Path, llama: LlamaCpp | None, progress: bool = True) -
 
     shapes = plan.shapes()
     n_gguf = len(plan.gguf_types()) if llama else 0
-    total = 1 + len(shapes) * (1 + len(plan.precisions) + 2 * n_gguf + (1 if llama else 0))
+    total = 1 + len(shapes) * (1 + n_gguf + plan.repeat * (len(plan.precisions) + n_gguf) + (1 if llama else 0))
     res = Results(plan=asdict(plan), machine=machine.machine_info())
     res.machine["threads"] = plan.threads
     if llama is None:
@@ -275,43 +276,78 @@ def run(plan: Plan, work: Path, llama: LlamaCpp | None, progress: bool = True) -
 
 
 def _one_model(plan: Plan, work: Path, llama: LlamaCpp | None, shape: Shape, res: Results, step, bar) -> None:
+    """One model: checkpoint, GGUF files, then `repeat` rounds, each measuring every precision pair once in
+    both engines, one right after the other (jambalab's precision, then its llama.cpp files). Interleaved
+    rounds, not all of one engine then all of the other: this VM's speed moves by up to ~1.5x over
+    minutes, and each engine keeps the best of its rounds, so both get the same chances."""
     step(f"{shape.key}: checkpoint")
     path = build_checkpoint(shape, work / shape.name)
     bar.update(1)
     hf = shape.hf
     top_k, n_experts = hf.get("num_experts_per_tok", 1), hf.get("num_experts", 1)
     res.models[shape.key] = {"name": shape.name, "path": str(path), "hf": hf, "params": count_params(path)}
-    res.jambalab[shape.key] = {}
-    for precision in plan.precisions:
-        step(f"{shape.key}: jambalab {precision}")
-        spec = {"path": str(path), "precision": precision, "prompt": plan.prompt, "gen": plan.gen,
-                "repeat": plan.repeat, "threads": plan.threads}
-        got = run_child("jambalab", spec, plan.timeout_s)
-        res.jambalab[shape.key][precision] = got
-        bar.update(1)
-    if llama is None:
-        return
-    res.llama_cpp[shape.key] = {}
-    for kind in plan.gguf_types():
+    ggufs: dict[str, Path | None] = {}
+    if llama:
+        res.llama_cpp[shape.key] = {}
+    for kind in plan.gguf_types() if llama else []:
         step(f"{shape.key}: GGUF {kind}")
         try:
-            gguf, got = gguf_file(llama, path, work / "gguf", kind, plan.threads, plan.timeout_s), {}
+            ggufs[kind] = gguf_file(llama, path, work / "gguf", kind, plan.threads, plan.timeout_s)
         except RuntimeError as e:
-            gguf, got = None, {"error": str(e)}
+            ggufs[kind] = None
+            res.llama_cpp[shape.key][kind] = {"error": str(e)}
         bar.update(1)
-        step(f"{shape.key}: llama-bench {kind}")
-        if gguf is not None:
-            try:
-                samples = llama_bench(llama, gguf, plan.threads, plan.prompt, plan.gen, plan.repeat, plan.timeout_s)
-                got = {**samples, "prefill": best_of(samples["prefill"]), "decode": best_of(samples["decode"]),
-                       "bytes_per_token": gguf_bytes_per_token(llama, gguf, top_k, n_experts)}
-            except (RuntimeError, KeyError) as e:
-                got = {"error": str(e)}
+    ours: dict[str, list[dict]] = {p: [] for p in plan.precisions}
+    theirs: dict[str, list[dict]] = {k: [] for k, f in ggufs.items() if f is not None}
+    for rnd in range(plan.repeat):
+        done: set[str] = set()
+        for precision in plan.precisions:
+            step(f"{shape.key}: round {rnd + 1}/{plan.repeat}, jambalab {precision}")
+            if not _failed(ours[precision]):
+                spec = {"path": str(path), "precision": precision, "prompt": plan.prompt, "gen": plan.gen,
+                        "repeat": 1, "threads": plan.threads}
+                ours[precision].append(run_child("jambalab", spec, plan.timeout_s))
+            bar.update(1)
+            for p, kind in PAIRS:
+                if p != precision or kind not in theirs or kind in done:
+                    continue
+                done.add(kind)
+                step(f"{shape.key}: round {rnd + 1}/{plan.repeat}, llama-bench {kind}")
+                if not _failed(theirs[kind]):
+                    try:
+                        theirs[kind].append(llama_bench(llama, ggufs[kind], plan.threads, plan.prompt, plan.gen, 1,
+                                                        plan.timeout_s))
+                    except (RuntimeError, KeyError) as e:
+                        theirs[kind].append({"error": str(e)})
+                bar.update(1)
+    res.jambalab[shape.key] = {p: _merge(rounds) for p, rounds in ours.items()}
+    for kind, rounds in theirs.items():
+        got = _merge(rounds)
+        if "error" not in got:
+            got["bytes_per_token"] = gguf_bytes_per_token(llama, ggufs[kind], top_k, n_experts)
         res.llama_cpp[shape.key][kind] = got
-        bar.update(1)
+    if llama is None:
+        return
     step(f"{shape.key}: parity")
     res.parity[shape.key] = _parity(llama, path, work / "gguf", plan)
     bar.update(1)
+
+
+def _failed(rounds: list[dict]) -> bool:
+    return any("error" in r or "unsupported" in r for r in rounds)
+
+
+def _merge(rounds: list[dict]) -> dict:
+    """One engine's rounds for one precision -> best of all their samples, prefill and decode; an error or
+    an unsupported precision as it came."""
+    bad = next((r for r in rounds if "error" in r or "unsupported" in r), None)
+    if bad is not None:
+        return bad
+    out = {k: v for k, v in rounds[0].items() if k not in ("prefill", "decode")}
+    for what in ("prefill", "decode"):
+        samples = [x for r in rounds for x in (r[what]["samples"] if isinstance(r[what], dict) else r[what])]
+        out[what] = best_of(samples)
+    return out
 
 
 def _parity(llama: LlamaCpp, model_dir: Path, gguf_dir: Path, plan: Plan) -> dict:
