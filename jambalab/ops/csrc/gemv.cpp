@@ -20,7 +20,9 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#if defined(__AVX512BF16__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <bit>
@@ -130,7 +132,7 @@ void gemv_rows(const float* x, const float* w, const float* bias, float* y, int6
 // prefetcher stops at every page boundary.
 constexpr int64_t kAhead = 2048;
 ALWAYS_INLINE void prefetch_lines(const uint16_t* p, int bytes) {
-  for (int j = 0; j < bytes; j += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + kAhead + j, _MM_HINT_T0);
+  for (int j = 0; j < bytes; j += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + kAhead + j, 0, 3);
 }
 
 #if defined(__AVX512BF16__)
