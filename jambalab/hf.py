@@ -342,17 +342,15 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, qu
     if quant.quantization_config(path) is not None:  # saved quantized: loaded as stored, never re-quantized
         return quant.load_quantized(path, scheme=quantize, group_size=group_size, dtype=dtype)
     if quantize is not None:
-        quant.parse_scheme(quantize)
+        quant.parse_scheme(quantize, group_size)
         if dtype is None:
             dtype = torch.float32
     weight_dtype = quant.WEIGHT_DTYPES.get(quantize)
-    if weight_dtype is not None and group_size is not None:
-        raise InputError(f"quantize={quantize!r} takes no group size (got {group_size})")
     if _native_config(path) is not None:
         model = _load_native(path, dtype)
     elif weight_dtype is not None:  # the matrices straight into their dtype: nothing read twice
         model = _load_hf(path, dtype, matrices=weight_dtype)
-        model.quantization = {"scheme": quantize, "bits": quant.parse_scheme(quantize), "group_size": None}
+        model.quantization = quant.scheme_info(quantize, None)
         return model
     else:
         model = _load_hf(path, dtype)

@@ -21,9 +21,10 @@ bytes a decode step of a few-layer model reads; llama.cpp's Q8_0 / Q4_0 quantize
 
 Weight-only bf16 ("bf16"): the same matrices stored in bf16 and nothing else changed: the modules stay
 Linear / MoE, the float part and the activations stay float32. This is llama.cpp's BF16 layout (a bf16
-*model* instead keeps bf16 activations and states, as HF's): half of fp32's bytes per decode token, the
-decode arithmetic fp32 (the weights widen exactly in registers; jambalab/ops/lowp.py), the whole decode
-token in one call (csrc/step.cpp), and prefill on the bf16 GEMM where the CPU has one.
+*model* instead keeps bf16 activations and states, as HF's): half of fp32's bytes per decode token;
+each product rounds its input to bf16 and sums the exact products in fp32, as llama.cpp's BF16 matmul
+(jambalab/ops/lowp.py); the whole decode token in one call (csrc/step.cpp), and prefill on the bf16
+GEMM where the CPU has one.
 
 What stays in the model's float dtype, and why:
 - Mamba's A_log, D, conv1d, and the selection path x_proj -> dt_proj: dt, B and C set the state's
@@ -140,12 +141,21 @@ class QuantMoE(MoE):
 # ---------------------------------------------------------------------------------------
 # The swap
 # ---------------------------------------------------------------------------------------
-def parse_scheme(scheme: str) -> int:
-    """'int8' -> 8, 'int4' -> 4, 'bf16' -> 16; anything else is an InputError."""
+def parse_scheme(scheme: str, group_size: int | None = None) -> int:
+    """'int8' -> 8, 'int4' -> 4, 'bf16' -> 16; anything else, or a group size with 'bf16' (which has
+    none), is an InputError."""
     bits = {**SCHEMES, **{k: 16 for k in WEIGHT_DTYPES}}
     if scheme not in bits:
         raise InputError(f"quantize must be one of {sorted(bits)} (or None), got {scheme!r}")
+    if scheme in WEIGHT_DTYPES and group_size is not None:
+        raise InputError(f"quantize={scheme!r} takes no group size (got {group_size}): it only stores the "
+                         "matrices in bf16")
     return bits[scheme]
+
+
+def scheme_info(scheme: str, group_size: int | None) -> dict:
+    """What a quantized model records as `model.quantization` (and a saved one in its config)."""
+    return {"scheme": scheme, "bits": parse_scheme(scheme, group_size), "group_size": group_size}
 
 
 @torch.no_grad()
@@ -155,17 +165,14 @@ def quantize_model(model: JambaLM, scheme: str, group_size: int | None = None) -
     takes the scheme's default (int8: per output channel, int4: 32). Every group size is checked
     against every matrix before anything is swapped, so a bad one leaves the model untouched.
     'bf16' (weight-only bf16) casts the same matrices to bf16 in place instead, with no group size."""
-    bits = parse_scheme(scheme)
+    bits = parse_scheme(scheme, group_size)
     done = getattr(model, "quantization", None)
     if done is not None:
         raise InputError(f"quantize: the model is already quantized ({done.get('scheme')}); load the float "
                          "checkpoint again to quantize it another way")
     if scheme in WEIGHT_DTYPES:
-        if group_size is not None:
-            raise InputError(f"quantize={scheme!r} takes no group size (got {group_size}): it only stores the "
-                             "matrices in bf16")
         cast_weights(model, WEIGHT_DTYPES[scheme])
-        model.quantization = {"scheme": scheme, "bits": bits, "group_size": None}
+        model.quantization = scheme_info(scheme, None)
         return model
     group = DEFAULT_GROUP[scheme] if group_size is None else group_size
     targets = list(_targets(model))
@@ -179,7 +186,7 @@ def quantize_model(model: JambaLM, scheme: str, group_size: int | None = None) -
             setattr(parent, attr, QuantMoE.from_moe(child, bits, group, name))
         else:
             setattr(parent, attr, QuantLinear.from_linear(child, bits, group, name))
-    model.quantization = {"scheme": scheme, "bits": bits, "group_size": group}
+    model.quantization = scheme_info(scheme, group)
     return model
 
 
@@ -187,8 +194,7 @@ def cast_weights(model: JambaLM, dtype: torch.dtype) -> JambaLM:
     """Store the matrices quantize_model would quantize in `dtype` (weight-only bf16), in place, one at a
     time; works on the meta device (a saved checkpoint's skeleton)."""
     for _, _, _, child in list(_targets(model)):
-        names = _STACKS if isinstance(child, MoE) else ("weight",)
-        for n in names:
+        for n in _matrix_attrs(child):
             w = getattr(child, n)
             if w.dtype != dtype:
                 setattr(child, n, nn.Parameter(w.detach().to(dtype), requires_grad=False))
@@ -199,8 +205,13 @@ def weight_dtype_names(model: JambaLM) -> list[str]:
     """The parameter names cast_weights casts (the loader reads those straight into the weight dtype)."""
     names = []
     for name, _, _, child in _targets(model):
-        names += [f"{name}.{n}" for n in (_STACKS if isinstance(child, MoE) else ("weight",))]
+        names += [f"{name}.{n}" for n in _matrix_attrs(child)]
     return names
+
+
+def _matrix_attrs(module: nn.Module) -> tuple[str, ...]:
+    """The attributes holding a quantize target's matrices: an MoE's stacks, a Linear's weight."""
+    return _STACKS if isinstance(module, MoE) else ("weight",)
 
 
 def _targets(model: JambaLM):

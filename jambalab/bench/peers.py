@@ -333,14 +333,19 @@ def _one_model(plan: Plan, work: Path, llama: LlamaCpp | None, shape: Shape, res
     bar.update(1)
 
 
+def _bad(round_: dict) -> bool:
+    """A round that failed or whose precision this jambalab cannot load."""
+    return "error" in round_ or "unsupported" in round_
+
+
 def _failed(rounds: list[dict]) -> bool:
-    return any("error" in r or "unsupported" in r for r in rounds)
+    return any(_bad(r) for r in rounds)
 
 
 def _merge(rounds: list[dict]) -> dict:
     """One engine's rounds for one precision -> best of all their samples, prefill and decode; an error or
     an unsupported precision as it came."""
-    bad = next((r for r in rounds if "error" in r or "unsupported" in r), None)
+    bad = next((r for r in rounds if _bad(r)), None)
     if bad is not None:
         return bad
     out = {k: v for k, v in rounds[0].items() if k not in ("prefill", "decode")}

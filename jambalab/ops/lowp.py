@@ -101,7 +101,7 @@ def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     if needs_grad or not x.is_cpu or gemm_dtype(x.dtype) == weight.dtype == x.dtype:
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     # No native 16-bit GEMM here: fp32 tiles of the weight (an exact conversion), fp32 GEMM.
-    return _tiled(x, weight.shape[0], lambda lo, hi: weight[lo:hi].float(), weight.shape[1] * 4, bias)
+    return _fp32_tiles(x, weight, bias)
 
 
 def _bf16_weight_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -114,7 +114,12 @@ def _bf16_weight_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tenso
     if not x.is_cpu or quant_gemm_dtype() == torch.bfloat16:
         y = F.linear(xb, weight).float()  # (..., N)
         return y if bias is None else y + bias.float()
-    return _tiled(xb.float(), weight.shape[0], lambda lo, hi: weight[lo:hi].float(), weight.shape[1] * 4, bias)
+    return _fp32_tiles(xb.float(), weight, bias)
+
+
+def _fp32_tiles(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weight^T + bias for a 16-bit weight, through fp32 tiles of it (an exact conversion)."""
+    return _tiled(x, weight.shape[0], lambda lo, hi: weight[lo:hi].float(), weight.shape[1] * 4, bias)
 
 
 def qlinear(x: Tensor, qw: QuantWeight, bias: Tensor | None = None) -> Tensor:

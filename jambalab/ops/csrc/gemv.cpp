@@ -1,6 +1,7 @@
 // Two ops of the decode path, beside their pure-PyTorch twins (jambalab/ops/fused.py):
-// - gemv: y (R, N) = x (R, K) @ W (N, K)^T + bias for R <= 16 rows, x float32, W float32 or bf16
-//   (weight-only bf16: widened exactly in registers, fp32 arithmetic; twin: F.linear on W.float());
+// - gemv: y (R, N) = x (R, K) @ W (N, K)^T + bias for R <= 16 rows, x float32, W float32 (twin:
+//   F.linear) or bf16 (weight-only bf16: x rounded to bf16, exact products summed in fp32; twin:
+//   quant_ref.bf16_gemv_ref);
 // - rms_norm: y = x * rsqrt(mean(x^2) + eps) * weight over the last dim, fp32 (twin:
 //   jambalab.ops.rms_norm_ref, HF's op order). On CPU F.rms_norm is a chain of ~7 ops,
 //   ~60 us for a 16-wide row; a decode token of bench-hybrid runs 38 norms.
@@ -203,16 +204,15 @@ void bf16_prepare(const float* x, int64_t R, int64_t K, xbf16* xp) {
 // rounded x is stored as fp32, split per block of 2W values into its W even then its W odd values; the
 // tail past the last full block stays in order.
 typedef float xbf16;
-typedef uint32_t vu32x __attribute__((vector_size(kVecBytes)));
 constexpr int kSplit = 2 * W;  // bf16 weights per vector load
 
-ALWAYS_INLINE vu32x wload32(const uint16_t* p) {
-  vu32x u;
+ALWAYS_INLINE vu32 wload32(const uint16_t* p) {  // vu32: W uint32 lanes (simd.h)
+  vu32 u;
   std::memcpy(&u, p, sizeof u);
   return u;
 }
-ALWAYS_INLINE vf even(vu32x u) { return std::bit_cast<vf>(u << 16); }
-ALWAYS_INLINE vf odd(vu32x u) { return std::bit_cast<vf>(u & 0xffff0000u); }
+ALWAYS_INLINE vf even(vu32 u) { return std::bit_cast<vf>(u << 16); }
+ALWAYS_INLINE vf odd(vu32 u) { return std::bit_cast<vf>(u & 0xffff0000u); }
 ALWAYS_INLINE float bf16_one(uint16_t v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
 
 ALWAYS_INLINE float bf16_finish(vf a0, vf a1, vf a2, vf a3, const uint16_t* wo, const float* xs, int64_t k, int64_t K) {
@@ -226,14 +226,14 @@ ALWAYS_INLINE float bf16_one_row(const uint16_t* wo, const float* xs, int64_t K)
   int64_t k = 0;
   for (; k + 2 * kSplit <= K; k += 2 * kSplit) {
     prefetch_lines(wo + k, 2 * kSplit * 2);
-    const vu32x u0 = wload32(wo + k), u1 = wload32(wo + k + kSplit);
+    const vu32 u0 = wload32(wo + k), u1 = wload32(wo + k + kSplit);
     a0 += even(u0) * load(xs + k);
     a1 += odd(u0) * load(xs + k + W);
     a2 += even(u1) * load(xs + k + kSplit);
     a3 += odd(u1) * load(xs + k + kSplit + W);
   }
   for (; k + kSplit <= K; k += kSplit) {
-    const vu32x u0 = wload32(wo + k);
+    const vu32 u0 = wload32(wo + k);
     a0 += even(u0) * load(xs + k);
     a1 += odd(u0) * load(xs + k + W);
   }
