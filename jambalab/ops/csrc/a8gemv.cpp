@@ -239,7 +239,10 @@ template <int R, bool Int4>
 void sums_by_step(const Args& a, const uint8_t* row, int64_t o, __m512 (&acc)[R]) {
   const QuantX& x = *a.x;
   StepScales<Int4 ? 4 : 2> scales(a.scales + o * (a.K / a.G), a.G, a.K);
-  for (int64_t s = 0; s < x.steps; ++s) step_acc<R, Int4, true>(x, row, s, scales.next(), acc);
+  for (int64_t s = 0; s < x.steps; ++s) {
+    prefetch_weights(row + s * 64);  // a step reads 64 bytes of the row
+    step_acc<R, Int4, true>(x, row, s, scales.next(), acc);
+  }
 }
 
 // Groups of whole steps: the group scale multiplies the group's sum once. One row of x alternates two
@@ -256,9 +259,16 @@ void sums_by_group(const Args& a, const uint8_t* row, int64_t o, __m512 (&acc)[R
       for (int r = 0; r < R; ++r) part[i][r] = _mm512_setzero_ps();
     int64_t s = g * per_group;
     const int64_t end = s + per_group;
-    for (; s + C <= end; s += C)
-      for (int i = 0; i < C; ++i) step_acc<R, Int4, false>(x, row, s + i, __m512{}, part[i]);
-    for (; s < end; ++s) step_acc<R, Int4, false>(x, row, s, __m512{}, part[0]);
+    for (; s + C <= end; s += C) {
+      for (int i = 0; i < C; ++i) {
+        prefetch_weights(row + (s + i) * 64);
+        step_acc<R, Int4, false>(x, row, s + i, __m512{}, part[i]);
+      }
+    }
+    for (; s < end; ++s) {
+      prefetch_weights(row + s * 64);
+      step_acc<R, Int4, false>(x, row, s, __m512{}, part[0]);
+    }
     const __m512 sg = _mm512_set1_ps(static_cast<float>(sc[g]));
     for (int r = 0; r < R; ++r) {
       __m512 t = part[0][r];

@@ -128,12 +128,10 @@ void gemv_rows(const float* x, const float* w, const float* bias, float* y, int6
 // uops per 16 weights) ran 10-30% below it on a Zen 4. Elsewhere the weights widen in registers (split
 // trick below). Each row of x runs the same instructions whatever the batch (bitwise the same alone).
 //
-// Software prefetch kAhead bytes ahead in the weight stream (rows are contiguous, so it runs on into the
-// next row): a checkpoint already in bf16 is memory-mapped, on 4 KiB pages, where the hardware
-// prefetcher stops at every page boundary.
-constexpr int64_t kAhead = 2048;
+// The weight stream is prefetched ahead (simd.h's prefetch_weights): a checkpoint already in bf16 is
+// memory-mapped, on 4 KiB pages, where the hardware prefetcher stops at every page boundary.
 ALWAYS_INLINE void prefetch_lines(const uint16_t* p, int bytes) {
-  for (int j = 0; j < bytes; j += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + kAhead + j, 0, 3);
+  for (int j = 0; j < bytes; j += 64) prefetch_weights(reinterpret_cast<const char*>(p) + j);
 }
 
 #if defined(__AVX512BF16__)
