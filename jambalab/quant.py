@@ -26,10 +26,15 @@ each product rounds its input to bf16 and sums the exact products in fp32, as ll
 (jambalab/ops/lowp.py); the whole decode token in one call (csrc/step.cpp), and prefill on the bf16
 GEMM where the CPU has one.
 
+Mamba's selection path (x_proj -> dt_proj) is never quantized to int8 / 4-bit: dt, B and C set the
+state's decay exp(dt * A) and input, and errors there compound over the sequence. Every scheme stores
+it in bf16 instead (weight-only bf16, as above), from a float32 model; a bf16 or fp16 one keeps its
+own. A released checkpoint is bf16, so that loses nothing of its weights, only x is rounded to bf16
+on the way in. It is ~4% of a mixer's weights, but kept in fp32 beside 4-bit matrices it was ~24% of
+the bytes a Falcon-Mamba-7B-shaped decode step reads per layer (llama.cpp's Q4_0 / Q8_0 quantize it).
+
 What stays in the model's float dtype, and why:
-- Mamba's A_log, D, conv1d, and the selection path x_proj -> dt_proj: dt, B and C set the state's
-  decay exp(dt * A) and input; errors there compound over the sequence, and they are a few percent
-  of a mixer's weights.
+- Mamba's A_log, D and conv1d (small; conv1d as llama.cpp keeps it).
 - norms, the embedding (a decode step reads one row of it), the MoE router (a flipped top-K choice
   is a large error).
 - a lm_head tied to the embedding (Mamba): quantizing it would add a second copy, not save memory.
@@ -50,12 +55,13 @@ from jambalab.errors import CheckpointError, InputError
 from jambalab.model import JambaLM, MambaMixer, MoE
 from jambalab.ops.quant_ref import SCHEMES, QuantWeight, activations, check_group_size, quantize_weight, set_activations
 
-_KEEP_IN_MAMBA = ("x_proj", "dt_proj")
+_SELECTION = ("x_proj", "dt_proj")  # Mamba's selection path: out of int8 / 4-bit, stored in bf16
+SELECTION_DTYPE = torch.bfloat16
 DEFAULT_GROUP = {"int8": None, "int4": 32}  # None: per output channel
 WEIGHT_DTYPES = {"bf16": torch.bfloat16}  # weight-only float schemes: the matrices stored in this dtype
 _STACKS = ("w_gate", "w_up", "w_down")  # an MoE's stacked expert matrices
 FORMAT = "jambalab-weight-only"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the selection path in bf16; 1 (still read): in the float dtype
 
 
 class QuantLinear(nn.Module):
@@ -186,27 +192,52 @@ def quantize_model(model: JambaLM, scheme: str, group_size: int | None = None) -
             setattr(parent, attr, QuantMoE.from_moe(child, bits, group, name))
         else:
             setattr(parent, attr, QuantLinear.from_linear(child, bits, group, name))
+    cast_selection(model)
     model.quantization = scheme_info(scheme, group)
     return model
 
 
-def cast_weights(model: JambaLM, dtype: torch.dtype) -> JambaLM:
-    """Store the matrices quantize_model would quantize in `dtype` (weight-only bf16), in place, one at a
-    time; works on the meta device (a saved checkpoint's skeleton)."""
-    for _, _, _, child in list(_targets(model)):
-        for n in _matrix_attrs(child):
-            w = getattr(child, n)
-            if w.dtype != dtype:
-                setattr(child, n, nn.Parameter(w.detach().to(dtype), requires_grad=False))
+def cast_weights(model: JambaLM, dtype: torch.dtype, selection: bool = True) -> JambaLM:
+    """Store the matrices quantize_model would quantize, and (selection) Mamba's selection path, in
+    `dtype` (weight-only bf16), in place, one at a time; works on the meta device (a saved checkpoint's
+    skeleton)."""
+    for _, module, attr in _weight_only_matrices(model, selection):
+        w = getattr(module, attr)
+        if w.dtype != dtype:
+            setattr(module, attr, nn.Parameter(w.detach().to(dtype), requires_grad=False))
+    return model
+
+
+def cast_selection(model: JambaLM) -> JambaLM:
+    """Mamba's selection path (x_proj, dt_proj) from float32 to bf16, in place (int8 / 4-bit models);
+    a bf16 or fp16 one stays as it is."""
+    for _, module, attr in _selection_matrices(model):
+        w = getattr(module, attr)
+        if w.dtype == torch.float32:
+            setattr(module, attr, nn.Parameter(w.detach().to(SELECTION_DTYPE), requires_grad=False))
     return model
 
 
 def weight_dtype_names(model: JambaLM) -> list[str]:
     """The parameter names cast_weights casts (the loader reads those straight into the weight dtype)."""
-    names = []
-    for name, _, _, child in _targets(model):
-        names += [f"{name}.{n}" for n in _matrix_attrs(child)]
-    return names
+    return [name for name, _, _ in _weight_only_matrices(model, selection=True)]
+
+
+def _weight_only_matrices(model: JambaLM, selection: bool):
+    """(parameter name, module, attribute) of the quantize targets' matrices, then of the selection path."""
+    for name, _, _, child in list(_targets(model)):
+        for n in _matrix_attrs(child):
+            yield f"{name}.{n}", child, n
+    if selection:
+        yield from _selection_matrices(model)
+
+
+def _selection_matrices(model: JambaLM):
+    """(parameter name, Linear, "weight") of every Mamba mixer's x_proj and dt_proj."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MambaMixer):
+            for attr in _SELECTION:
+                yield f"{name}.{attr}.weight", getattr(module, attr), "weight"
 
 
 def _matrix_attrs(module: nn.Module) -> tuple[str, ...]:
@@ -238,7 +269,7 @@ def _should_quantize(model: JambaLM, parent: nn.Module, name: str, child: nn.Mod
         return child.weight is not model.embed.weight  # a tied head stays float (one copy, shared)
     if isinstance(parent, MoE) and name == "router":
         return False
-    return not (isinstance(parent, MambaMixer) and name in _KEEP_IN_MAMBA)
+    return not (isinstance(parent, MambaMixer) and name in _SELECTION)
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,9 +333,9 @@ def load_quantized(path: str | Path, scheme: str | None = None, group_size: int 
     if not qc or qc.get("quant_method") != FORMAT:
         raise InputError(f"{path / 'config.json'}: not a jambalab quantized checkpoint "
                          f"(quantization_config.quant_method must be {FORMAT!r}, got {(qc or {}).get('quant_method')!r})")
-    if qc.get("format_version") != FORMAT_VERSION:
+    if qc.get("format_version") not in (1, FORMAT_VERSION):
         raise InputError(f"{path / 'config.json'}: quantized format version {qc.get('format_version')!r}, "
-                         f"this jambalab reads {FORMAT_VERSION}")
+                         f"this jambalab reads 1 and {FORMAT_VERSION}")
     for key, want in (("scheme", scheme), ("group_size", group_size)):
         if want is not None and qc.get(key) != want:
             raise InputError(f"{path}: saved with {key}={qc.get(key)!r}, asked for {want!r}")
@@ -353,12 +384,16 @@ def _float_dtype(qc: dict, path: Path) -> torch.dtype:
 
 
 def _quantized_skeleton(cfg, qc: dict, dtype: torch.dtype) -> JambaLM:
-    """A model of cfg on the meta device in dtype, its modules swapped as quantize_model would (shapes only)."""
+    """A model of cfg on the meta device in dtype, its modules swapped as quantize_model would (shapes only;
+    a format version 1 checkpoint kept the selection path in the float dtype)."""
     with torch.device("meta"):
         model = JambaLM(cfg).to(dtype)
     bits = parse_scheme(qc["scheme"])
+    selection = qc["format_version"] >= 2
     if qc["scheme"] in WEIGHT_DTYPES:
-        return cast_weights(model, WEIGHT_DTYPES[qc["scheme"]])
+        return cast_weights(model, WEIGHT_DTYPES[qc["scheme"]], selection)
+    if selection:
+        cast_selection(model)
     group = qc["group_size"]
     for name, parent, attr, child in list(_targets(model)):
         if isinstance(child, MoE):
