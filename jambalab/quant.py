@@ -27,10 +27,10 @@ each product rounds its input to bf16 and sums the exact products in fp32, as ll
 GEMM where the CPU has one.
 
 Mamba's selection path (x_proj -> dt_proj) is never quantized to int8 / 4-bit: dt, B and C set the
-state's decay exp(dt * A) and input, and errors there compound over the sequence. Every scheme stores
-it in bf16 instead (weight-only bf16, as above), from a float32 model; a bf16 or fp16 one keeps its
-own. A released checkpoint is bf16, so that loses nothing of its weights, only x is rounded to bf16
-on the way in. It is ~4% of a mixer's weights, but kept in fp32 beside 4-bit matrices it was ~24% of
+state's decay exp(dt * A) and input, and errors there compound over the sequence. int8 and 4-bit
+store it in bf16 instead (weight-only bf16, as above) when it is float32 (a bf16 or fp16 one stays as
+it is); weight-only bf16 stores it in bf16 with its other matrices. A released checkpoint is bf16, so
+that loses nothing of its weights, only x is rounded to bf16 on the way in. It is ~4% of a mixer's weights, but kept in fp32 beside 4-bit matrices it was ~24% of
 the bytes a Falcon-Mamba-7B-shaped decode step reads per layer (llama.cpp's Q4_0 / Q8_0 quantize it).
 
 What stays in the model's float dtype, and why:
