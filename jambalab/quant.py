@@ -202,9 +202,8 @@ def cast_weights(model: JambaLM, dtype: torch.dtype, selection: bool = True) -> 
     `dtype` (weight-only bf16), in place, one at a time; works on the meta device (a saved checkpoint's
     skeleton)."""
     for _, module, attr in _weight_only_matrices(model, selection):
-        w = getattr(module, attr)
-        if w.dtype != dtype:
-            setattr(module, attr, nn.Parameter(w.detach().to(dtype), requires_grad=False))
+        if getattr(module, attr).dtype != dtype:
+            _cast(module, attr, dtype)
     return model
 
 
@@ -212,10 +211,14 @@ def cast_selection(model: JambaLM) -> JambaLM:
     """Mamba's selection path (x_proj, dt_proj) from float32 to bf16, in place (int8 / 4-bit models);
     a bf16 or fp16 one stays as it is."""
     for _, module, attr in _selection_matrices(model):
-        w = getattr(module, attr)
-        if w.dtype == torch.float32:
-            setattr(module, attr, nn.Parameter(w.detach().to(SELECTION_DTYPE), requires_grad=False))
+        if getattr(module, attr).dtype == torch.float32:
+            _cast(module, attr, SELECTION_DTYPE)
     return model
+
+
+def _cast(module: nn.Module, attr: str, dtype: torch.dtype) -> None:
+    """module.attr replaced by a frozen copy in dtype (the float one is dropped)."""
+    setattr(module, attr, nn.Parameter(getattr(module, attr).detach().to(dtype), requires_grad=False))
 
 
 def weight_dtype_names(model: JambaLM) -> list[str]:

@@ -136,6 +136,15 @@ def test_logit_drift_is_small(ref):
         assert drift["rel_l2"] < bound and drift["kl"] < 1e-2, (scheme, drift)
 
 
+def _forward_and_decode(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits (B, L, V) of one forward over ids (B, L), and of decoding ids one token at a time."""
+    cache = model.allocate_cache(ids.shape[0])
+    with torch.no_grad():
+        want = model(ids).logits
+        got = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(ids.shape[1])], dim=1)
+    return want, got
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_quantized_model_decodes_exactly_like_its_own_forward(pair, native, monkeypatch):
     """With a float32 prefill GEMM, exactly at most positions: x is rounded before a quantized matrix (to
@@ -146,10 +155,7 @@ def test_quantized_model_decodes_exactly_like_its_own_forward(pair, native, monk
     monkeypatch.setattr(lowp, "native_bf16", lambda: native)
     _, q = pair
     ids = torch.randint(3, 512, (2, 16))
-    cache = q.allocate_cache(2)
-    with torch.no_grad():
-        want = q(ids).logits
-        got = torch.cat([q(ids[:, t:t + 1], cache=cache).logits for t in range(16)], dim=1)
+    want, got = _forward_and_decode(q, ids)
     torch.testing.assert_close(got, want, rtol=0, atol=5e-2 if native else 1e-2)
     if not native:
         exact = (got - want).abs().amax(-1) <= 1e-5  # (B, L)
@@ -289,11 +295,7 @@ def test_weight_only_bf16_decodes_like_its_own_forward(ref, native, monkeypatch)
     within bf16 rounding."""
     monkeypatch.setattr(lowp, "native_bf16", lambda: native)
     q = quantize_model(copy.deepcopy(ref), "bf16")
-    ids = torch.randint(3, 512, (2, 16))
-    cache = q.allocate_cache(2)
-    with torch.no_grad():
-        want = q(ids).logits
-        got = torch.cat([q(ids[:, t:t + 1], cache=cache).logits for t in range(16)], dim=1)
+    want, got = _forward_and_decode(q, torch.randint(3, 512, (2, 16)))
     torch.testing.assert_close(got, want, rtol=0, atol=5e-2 if native else 1e-2)
 
 
