@@ -217,9 +217,9 @@ void one_output(const Args& a, int64_t o) {
 // the weights at all. The result differs from the fp32-arithmetic path only in the order of the sums
 // (and in flushing denormal products to zero). Where it applies: x already bf16, i.e. a bf16 model.
 constexpr int kPair = 32;  // bf16 values a vdpbf16ps reads from each operand
-// Software prefetch distance (bf16 values; rows are contiguous, so it runs on into the next row): weights
-// loaded memory-mapped sit on 4 KiB pages, where the hardware prefetcher stops at every page boundary.
-constexpr int kAhead = 1024;
+// The weight stream is prefetched ahead (simd.h's prefetch_weights; rows are contiguous, so it runs on into
+// the next row): weights loaded memory-mapped sit on 4 KiB pages, where the hardware prefetcher stops at
+// every page boundary.
 
 template <int R, int C = kChains<R>>
 void bf16dot_output(const uint16_t* x, const uint16_t* row, const float* bias, float* y, int64_t K, int64_t N,
@@ -230,7 +230,7 @@ void bf16dot_output(const uint16_t* x, const uint16_t* row, const float* bias, f
   int64_t k = 0;
   for (; k + C * kPair <= K; k += C * kPair) {
     for (int c = 0; c < C; ++c) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + k + c * kPair + kAhead), _MM_HINT_T0);
+      prefetch_weights(row + k + c * kPair);
       const __m512bh w = (__m512bh)_mm512_loadu_si512(row + k + c * kPair);
       for (int r = 0; r < R; ++r)
         acc[r][c] = _mm512_dpbf16_ps(acc[r][c], w, (__m512bh)_mm512_loadu_si512(x + r * K + k + c * kPair));
