@@ -14,7 +14,8 @@ when all tensors are on the CPU and the kernels built; otherwise the reference.
   and mixed dtypes are computed in float32); the state is always float32.
 - causal_conv1d: silu(depthwise causal conv) over (B, L, D), differentiable
   in x, weight and bias (a conv_state that requires grad runs the reference).
-- linear: F.linear, with a multithreaded GEMV kernel for decode-sized inputs.
+- linear: F.linear, with a multithreaded GEMV kernel for decode-sized inputs and oneDNN's fp32 GEMM
+  for larger ones (ops/gemm.py).
 - selective_state_update / causal_conv1d_update: inference only; under grad
   mode with an input that requires grad they run the reference instead.
 - cross_entropy: the training loss over (T, V) logits, forward and backward.
@@ -33,7 +34,7 @@ from collections.abc import Callable
 import torch
 
 from jambalab.errors import InputError
-from jambalab.ops import cpu, lowp
+from jambalab.ops import cpu, gemm, lowp
 from jambalab.ops.conv_ref import causal_conv1d_ref, causal_conv1d_update_ref
 from jambalab.ops.attention_ref import decode_attention_ref
 from jambalab.ops.loss_ref import linear_cross_entropy_ref
@@ -352,7 +353,8 @@ _GEMV_MAX_ROWS = 16
 
 def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None) -> Tensor:
     """F.linear; for decode-sized inputs (<= 16 rows; float32, CPU, no autograd) the
-    multithreaded GEMV kernel of gemv.cpp, which reads the weight at the memory bandwidth of all cores. A bf16 or
+    multithreaded GEMV kernel of gemv.cpp, which reads the weight at the memory bandwidth of all cores,
+    for larger ones gemm.linear (oneDNN's fp32 GEMM where torch has it). A bf16 or
     fp16 weight goes to lowp.dense_linear (its own GEMV, and fp32 tiles where the CPU has no bf16 GEMM),
     an int8 / 4-bit QuantWeight to lowp.qlinear."""
     if isinstance(weight, QuantWeight):
@@ -368,7 +370,7 @@ def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None) 
         if ops is not None:
             y = ops.gemv(_f32(x.reshape(-1, x.shape[-1])), weight, bias)  # (R, N)
             return y.view(*x.shape[:-1], weight.shape[0])
-    return torch.nn.functional.linear(x, weight, bias)
+    return gemm.linear(x, weight, bias)  # F.linear, or oneDNN's fp32 GEMM for a prefill-sized one
 
 
 # ---------------------------------------------------------------- RMSNorm

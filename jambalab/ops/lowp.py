@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from jambalab.ops import cpu
+from jambalab.ops import cpu, gemm
 from jambalab.ops.quant_ref import (QuantWeight, activations, dequant_ref, int8_activations, qlinear_ref, set_activations,
                                     wgemv_a8_ref, wgemv_ref)
 
@@ -153,9 +153,9 @@ def _tiled(x: Tensor, n_out: int, tile, row_bytes: int, bias: Tensor | None) -> 
     rows = max(16, _TILE_BYTES // max(1, row_bytes))
     first = tile(0, min(rows, n_out))
     xg = x2.to(first.dtype)
-    parts = [F.linear(xg, first)]
+    parts = [gemm.linear(xg, first)]
     for lo in range(rows, n_out, rows):
-        parts.append(F.linear(xg, tile(lo, min(lo + rows, n_out))))  # (M, rows)
+        parts.append(gemm.linear(xg, tile(lo, min(lo + rows, n_out))))  # (M, rows)
     y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (M, N)
     if bias is not None:
         y = y + bias.to(y.dtype)
