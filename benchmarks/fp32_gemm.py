@@ -4,7 +4,8 @@ matmul (torch.ops.mkldnn._linear_pointwise), which jambalab.ops.gemm chooses for
     python benchmarks/fp32_gemm.py                          # the matrices of bench peers' A and B
     python benchmarks/fp32_gemm.py --rows 64 512 --repeat 5 --json gemm.json --plot gemm.png
 
-For each weight shape (N, K) and each number of rows M: x (M, K) @ W^T, both ways alternating in one
+For each weight shape (N, K) and each number of rows M: x (M, K) @ W^T, both ways (oneDNN as jambalab
+calls it: jambalab.ops.gemm.linear, in blocks of 256 rows, the last padded to a multiple of 32) alternating in one
 process (a warm-up call each first, so oneDNN's one-time primitive creation is not timed), the best of
 --repeat calls, in GFLOP/s (2 M N K / seconds). The table gives both and the ratio oneDNN / F.linear;
 the plot draws GFLOP/s against M, one panel per shape.
@@ -29,7 +30,7 @@ SHAPES = [("A in_proj", 16384, 4096), ("A out_proj", 4096, 8192), ("A x_proj", 2
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", nargs="+", type=int, default=[17, 64, 256, 512, 2048])
+    ap.add_argument("--rows", nargs="+", type=int, default=[17, 64, 100, 256, 512, 2048])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write the measurements here")
@@ -48,7 +49,10 @@ def main() -> int:
         print("this torch was built without oneDNN: nothing to compare")
         return 1
     torch.set_num_threads(args.threads)
-    ways = {"F.linear": F.linear, "oneDNN": gemm._onednn_linear}
+    if gemm.backend() != "onednn":
+        print(f"jambalab.ops.gemm chose {gemm.backend()!r} here ({gemm.GEMM_ENV}?): nothing to compare")
+        return 1
+    ways = {"F.linear": F.linear, "oneDNN": gemm.linear}
     rows = []
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode(), tqdm(total=len(SHAPES) * len(args.rows), desc="fp32 gemm", unit="shape") as bar:

@@ -46,11 +46,32 @@ def test_onednn_is_taken_only_where_it_applies(monkeypatch):
         gemm.linear(torch.randn(32, 15), w)  # F.linear's own shape error, not oneDNN's
     assert calls == []
     fused.linear(torch.randn(4, 16), w)  # decode-sized: the GEMV, not a GEMM
-    fused.linear(torch.randn(2, 17, 16), w)  # 34 rows
-    assert calls == [(2, 17, 16)]
+    fused.linear(torch.randn(2, 15, 16), w)  # 30 rows: F.linear (padding would nearly double them)
+    fused.linear(torch.randn(2, 35, 16), w)  # 70 rows: one block, padded to 96
+    assert calls == [(96, 16)]
     monkeypatch.setattr(gemm, "_BACKEND", "blas")
     gemm.linear(torch.randn(32, 16), w)
-    assert calls == [(2, 17, 16)] and gemm.backend() == "blas"
+    assert calls == [(96, 16)] and gemm.backend() == "blas"
+
+
+@onednn
+def test_row_blocks_bound_the_shapes_onednn_sees(monkeypatch):
+    """Every row count goes through blocks of BLOCK_ROWS rows and one last block padded to a multiple of
+    PAD_ROWS (oneDNN keeps a compiled primitive per shape), and gives F.linear's rows."""
+    monkeypatch.setattr(gemm, "_BACKEND", "onednn")
+    seen = set()
+    real = gemm._onednn_linear
+    monkeypatch.setattr(gemm, "_onednn_linear", lambda x, w, b: (seen.add(x.shape[0]), real(x, w, b))[1])
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+    for m in [17, 31, 32, 33, 63, 64, 65, 255, 256, 257, 300, 511, 512, 700, 1025]:
+        x = torch.randn(m, 40, generator=g)
+        y = gemm.linear(x, w, b)
+        assert y.shape == (m, 24)
+        assert _rel(y.double(), F.linear(x.double(), w.double(), b.double())) < 1e-6
+    shapes = {gemm.BLOCK_ROWS, *range(gemm.MIN_TAIL_ROWS, gemm.BLOCK_ROWS, gemm.PAD_ROWS)}
+    assert seen <= shapes and len(shapes) <= 8
+    assert gemm.BLOCK_ROWS in seen and gemm.MIN_TAIL_ROWS in seen
 
 
 def test_backend_is_chosen_from_the_environment(monkeypatch):
