@@ -30,8 +30,9 @@ Mamba's selection path (x_proj -> dt_proj) is never quantized to int8 / 4-bit: d
 state's decay exp(dt * A) and input, and errors there compound over the sequence. int8 and 4-bit
 store it in bf16 instead (weight-only bf16, as above) when it is float32 (a bf16 or fp16 one stays as
 it is); weight-only bf16 stores it in bf16 with its other matrices. A released checkpoint is bf16, so
-that loses nothing of its weights, only x is rounded to bf16 on the way in. It is ~4% of a mixer's weights, but kept in fp32 beside 4-bit matrices it was ~24% of
-the bytes a Falcon-Mamba-7B-shaped decode step reads per layer (llama.cpp's Q4_0 / Q8_0 quantize it).
+that loses nothing of its weights, only x is rounded to bf16 on the way in. It is ~4% of a mixer's
+weights, but kept in fp32 beside 4-bit matrices it was ~24% of the bytes a Falcon-Mamba-7B-shaped
+decode step reads per layer (llama.cpp's Q4_0 / Q8_0 quantize it).
 
 What stays in the model's float dtype, and why:
 - Mamba's A_log, D and conv1d (small; conv1d as llama.cpp keeps it).
@@ -62,6 +63,7 @@ WEIGHT_DTYPES = {"bf16": torch.bfloat16}  # weight-only float schemes: the matri
 _STACKS = ("w_gate", "w_up", "w_down")  # an MoE's stacked expert matrices
 FORMAT = "jambalab-weight-only"
 FORMAT_VERSION = 2  # 2: the selection path in bf16; 1 (still read): in the float dtype
+READ_VERSIONS = (1, FORMAT_VERSION)
 
 
 class QuantLinear(nn.Module):
@@ -336,9 +338,9 @@ def load_quantized(path: str | Path, scheme: str | None = None, group_size: int 
     if not qc or qc.get("quant_method") != FORMAT:
         raise InputError(f"{path / 'config.json'}: not a jambalab quantized checkpoint "
                          f"(quantization_config.quant_method must be {FORMAT!r}, got {(qc or {}).get('quant_method')!r})")
-    if qc.get("format_version") not in (1, FORMAT_VERSION):
+    if qc.get("format_version") not in READ_VERSIONS:
         raise InputError(f"{path / 'config.json'}: quantized format version {qc.get('format_version')!r}, "
-                         f"this jambalab reads 1 and {FORMAT_VERSION}")
+                         f"this jambalab reads {' and '.join(map(str, READ_VERSIONS))}")
     for key, want in (("scheme", scheme), ("group_size", group_size)):
         if want is not None and qc.get(key) != want:
             raise InputError(f"{path}: saved with {key}={qc.get(key)!r}, asked for {want!r}")
