@@ -2,18 +2,19 @@
 
 Legend: R rows (1-16), L layers, V vocab.
 
-JambaLM.forward takes this path for one new token per row of a float32 CPU model without RoPE,
+JambaLM.forward takes this path for one new token per row of a float32 or bf16 CPU model without RoPE,
 on a cache already holding a prefix, without padding: a plain cache (every row at the same
 position) or the serving engine's ragged SlotBatch (each row at its own length, its own K/V
 tensors), outside autograd. The model's matrices may be bf16 (weight-only bf16,
 `quantize="bf16"`: x rounded to bf16 once per matrix input, exact products summed in fp32, as the
 layer path's gemv op), or int8 /
 4-bit (quant.QuantLinear, quant.QuantMoE; `from_pretrained(..., quantize="int8" | "int4")`) in the
-int8-activation mode, where they multiply as the layer path's wgemv_a8 does. Anything else (a bf16
-model's bf16 activations and states, the float activation mode over quantized weights, swapped
-modules, a padded prompt, grad mode, more than 16 rows) returns None here and the model decodes
-layer by layer, which is the twin: the logits of both paths are bitwise equal
-(tests/test_decode_step.py).
+int8-activation mode, where they multiply as the layer path's wgemv_a8 does. A bf16 model (bf16
+activations, conv states and K/V caches) runs csrc/step_bf16.cpp instead, on a CPU with AVX512-BF16,
+for 1-4 rows, MoE top-k <= 2, and a float32 residual only without FFN layers. Anything else (the float
+activation mode over quantized weights, swapped modules, a padded prompt, grad mode, more rows)
+returns None here and the model decodes layer by layer, which is the twin: the logits of both paths
+are bitwise equal (tests/test_decode_step.py).
 
 The tensors are gathered once per model into a DecodePlan, kept until a module or parameter is
 registered anywhere (a global nn.Module hook counts those: quantize_model's module swaps, a
@@ -30,12 +31,14 @@ import torch
 import torch.nn as nn
 
 from jambalab import ops
+from jambalab.ops.lowp import DECODE_ROWS
 from jambalab.ops.quant_ref import activations
 
 _SLOTS_MIXER = 14  # csrc/step.cpp: per layer norm1, norm2, 14 mixer slots, 4 FFN slots
 _SLOTS_FFN = 4
 _EMPTY = torch.empty(0)  # an absent weight or bias
 _MAX_ROWS = 16  # kMaxRows in csrc/step.cpp
+_MAX_ROWS_BF16 = DECODE_ROWS  # kMaxRows in csrc/step_bf16.cpp: the rows of one wgemv call
 _MAX_GROUP = 64  # query heads per KV head (kMaxGroup in csrc/attention.cpp)
 
 _registrations = [0]  # bumped by the hooks below: any module or parameter registered, in any model
@@ -58,6 +61,7 @@ class DecodePlan:
     attention: list[bool]  # per layer
     a_slots: list[tuple[int, nn.Module]]  # (index in weights, MambaMixer) of every A
     key: tuple
+    max_rows: int = _MAX_ROWS  # a bf16 model: _MAX_ROWS_BF16
 
 
 def decode_step(model, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
@@ -72,7 +76,7 @@ def decode_step(model, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
     if min(past) == 0:
         return None
     plan = _plan(model)
-    if plan is None:
+    if plan is None or bsz > plan.max_rows:
         return None
     states = []
     for is_attention, st in zip(plan.attention, cache.layers):
@@ -116,12 +120,16 @@ def build_plan(model, key: tuple = ()) -> DecodePlan | _NoPlan:
     from jambalab.model import MLP, Attention, Linear, MambaMixer, MoE, RMSNorm
     from jambalab.quant import QuantLinear, QuantMoE
 
-    linears = (Linear, QuantLinear)
     cfg = model.config
+    bf16 = model.embed.weight.dtype == torch.bfloat16  # a bf16 model: csrc/step_bf16.cpp
+    linears = (Linear,) if bf16 else (Linear, QuantLinear)
     ok = ops.decode_step is not None and not cfg.rope and type(model.lm_head) in linears
     ok = ok and cfg.n_heads // max(cfg.n_kv_heads, 1) <= _MAX_GROUP
+    if bf16:  # bf16 x bf16 products need AVX512-BF16; top-2 sums and a float32 residual only without FFNs
+        ok = ok and _has_bf16dot() and (cfg.top_k <= 2 or cfg.n_experts <= 1)
+        ok = ok and not (cfg.residual_in_fp32 and cfg.d_ff > 0)
     weights = [model.embed.weight, model.norm_f.weight, _matrix(model.lm_head)]
-    meta = [cfg.n_heads, cfg.n_kv_heads, cfg.head_dim]
+    meta = [cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, int(cfg.residual_in_fp32)]
     eps = {model.norm_f.eps}
     inner_eps = 0.0
     attention, a_slots = [], []
@@ -165,12 +173,17 @@ def build_plan(model, key: tuple = ()) -> DecodePlan | _NoPlan:
         weights += slots
         attention.append(type(mixer) is Attention)
         meta += [int(type(mixer) is Attention), kind, top_k, int(getattr(mixer, "dt_norm", None) is not None)]
-    ok = ok and len(eps) == 1 and all(_fits(w) for w in weights)
+    if bf16:
+        a_indices = {i for i, _ in a_slots}
+        ok = ok and len(eps) == 1 and all(_fits_bf16(w, i in a_indices) for i, w in enumerate(weights))
+    else:
+        ok = ok and len(eps) == 1 and all(_fits(w) for w in weights)
     if not ok:
         return _NoPlan(key)
     scales = [w[1] if isinstance(w, tuple) and w[1] is not None else _EMPTY for w in weights]
     weights = [_EMPTY if w is None else w[0] if isinstance(w, tuple) else w for w in weights]
-    return DecodePlan(weights, scales, meta, [eps.pop(), inner_eps], attention, a_slots, key)
+    return DecodePlan(weights, scales, meta, [eps.pop(), inner_eps], attention, a_slots, key,
+                      _MAX_ROWS_BF16 if bf16 else _MAX_ROWS)
 
 
 def _matrix(linear) -> torch.Tensor | tuple:
@@ -198,3 +211,23 @@ def _fits(t: torch.Tensor | tuple | None) -> bool:
         return (activations() == "int8" and k % 32 == 0 and group % 32 == 0 and w.dtype in (torch.int8, torch.uint8)
                 and scales.dtype == torch.float16 and w.is_cpu and w.is_contiguous() and scales.is_contiguous())
     return t is None or (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous())
+
+
+def _fits_bf16(t: torch.Tensor | tuple | None, is_a: bool) -> bool:
+    """A bf16 model's slot: a contiguous CPU bf16 tensor (a matrix marked (w, None, None)), or absent; an
+    A slot (refilled each step with the mixer's float32 A) holds its A_log."""
+    if isinstance(t, tuple):
+        t = t[0] if t[1] is None else None
+        if t is None:
+            return False
+    if t is None or is_a:
+        return True
+    return t.dtype == torch.bfloat16 and t.is_cpu and t.is_contiguous()
+
+
+def _has_bf16dot() -> bool:
+    """Whether the kernels multiply bf16 by bf16 in hardware (AVX512-BF16), as the layer path's wgemv."""
+    from jambalab.ops import cpu
+
+    kernels = cpu.kernels()
+    return kernels is not None and bool(kernels.has_bf16dot())

@@ -1,6 +1,6 @@
-"""The whole-token decode op (ops.decode_step, csrc/step.cpp) against its twin, the model's
-layer-by-layer decode: bitwise equal logits and states (float32 weights, and int8 / 4-bit ones in
-the int8-activation mode), and a fall back wherever it does not apply."""
+"""The whole-token decode op (ops.decode_step, csrc/step.cpp and step_bf16.cpp) against its twin, the
+model's layer-by-layer decode: bitwise equal logits and states (float32 weights, int8 / 4-bit ones in
+the int8-activation mode, weight-only bf16, and a bf16 model), and a fall back wherever it does not apply."""
 
 import pytest
 import torch
@@ -17,6 +17,12 @@ from jambalab.quant import quantize_model, set_activations
 def needs_kernels():
     if cpu.kernels() is None or ops.decode_step is None:
         pytest.skip("fused kernels unavailable")
+
+
+def needs_bf16dot():
+    needs_kernels()
+    if not ds._has_bf16dot():
+        pytest.skip("no AVX512-BF16: a bf16 model decodes layer by layer")
 
 
 def _decode(model, ids, fast: bool, monkeypatch, steps: int = 5):
@@ -39,6 +45,19 @@ def _states(cache):
             for st in cache.layers for t in ((st.k, st.v) if hasattr(st, "k") else (st.conv, st.ssm))]
 
 
+def _assert_step_equals_layers(model, bsz: int, monkeypatch) -> None:
+    """5 greedy tokens after a 9-token prompt, through the step and layer by layer: bitwise equal logits
+    and cache states (of the same dtypes)."""
+    ids = torch.randint(3, model.config.vocab_size, (bsz, 9), generator=torch.Generator().manual_seed(1))
+    got, got_cache, calls = _decode(model, ids, True, monkeypatch)
+    want, want_cache, none = _decode(model, ids, False, monkeypatch)
+    assert calls == 5 and none == 0
+    assert torch.equal(got, want)
+    assert got_cache.length == want_cache.length == 14
+    for a, b in zip(_states(got_cache), _states(want_cache)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 CASES = [("tiny-hybrid", {}), ("tiny-mamba", {}), ("tiny-falcon-mamba", {}), ("tiny-transformer", {}),
          ("tiny-mixtral", {"rope": False})]
 
@@ -47,15 +66,7 @@ CASES = [("tiny-hybrid", {}), ("tiny-mamba", {}), ("tiny-falcon-mamba", {}), ("t
 @pytest.mark.parametrize("bsz", [1, 3, 8])
 def test_decode_step_equals_the_layer_by_layer_decode(preset, overrides, bsz, monkeypatch):
     needs_kernels()
-    model = jambalab.from_preset(preset, seed=0, **overrides).eval()
-    ids = torch.randint(3, model.config.vocab_size, (bsz, 9), generator=torch.Generator().manual_seed(1))
-    got, got_cache, calls = _decode(model, ids, True, monkeypatch)
-    want, want_cache, none = _decode(model, ids, False, monkeypatch)
-    assert calls == 5 and none == 0
-    assert torch.equal(got, want)
-    assert got_cache.length == want_cache.length == 14
-    for a, b in zip(_states(got_cache), _states(want_cache)):
-        assert torch.equal(a, b)
+    _assert_step_equals_layers(jambalab.from_preset(preset, seed=0, **overrides).eval(), bsz, monkeypatch)
 
 
 @pytest.mark.parametrize("preset,overrides", CASES)
@@ -83,13 +94,36 @@ def test_a_weight_only_bf16_decode_step_equals_the_layer_by_layer_decode(preset,
     model = quantize_model(jambalab.from_preset(preset, seed=0, **overrides).eval(), "bf16")
     plan = ds.build_plan(model)
     assert any(w.dtype == torch.bfloat16 for w in plan.weights)  # bf16 matrices went into the plan
-    ids = torch.randint(3, model.config.vocab_size, (bsz, 9), generator=torch.Generator().manual_seed(1))
-    got, got_cache, calls = _decode(model, ids, True, monkeypatch)
-    want, want_cache, none = _decode(model, ids, False, monkeypatch)
-    assert calls == 5 and none == 0
-    assert torch.equal(got, want)
-    for a, b in zip(_states(got_cache), _states(want_cache)):
-        assert torch.equal(a, b)
+    _assert_step_equals_layers(model, bsz, monkeypatch)
+
+
+@pytest.mark.parametrize("preset,overrides", CASES)
+@pytest.mark.parametrize("bsz", [1, 2, 4])
+def test_a_bf16_model_decode_step_equals_the_layer_by_layer_decode(preset, overrides, bsz, monkeypatch):
+    """A bf16 model (bf16 activations, conv states and K/V caches; a bf16 or, in the Mamba presets, a
+    float32 residual): csrc/step_bf16.cpp rounds where the layer path rounds, MoE and attention included."""
+    needs_bf16dot()
+    model = jambalab.from_preset(preset, seed=0, **overrides).eval().to(torch.bfloat16)
+    assert ds.build_plan(model).max_rows == 4
+    _assert_step_equals_layers(model, bsz, monkeypatch)
+
+
+def test_a_bf16_model_step_on_several_threads_equals_one(monkeypatch):
+    """Above 2 MiB of weights the bf16 step shares its GEMVs over the threads (its ATen calls, flash
+    attention among them, stay on the caller's thread)."""
+    needs_bf16dot()
+    model = jambalab.from_preset("tiny-hybrid", seed=0, vocab_size=16384).eval().to(torch.bfloat16)  # 2 MiB lm_head
+    ids = torch.randint(3, 16384, (3, 5), generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            got, _, calls = _decode(model, ids, True, monkeypatch, steps=4)
+            want, _, _ = _decode(model, ids, False, monkeypatch, steps=4)
+            assert calls == 4 and torch.equal(got, want)
+            assert torch.get_num_threads() == n  # the step put the caller's OpenMP thread count back
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_the_float_activation_mode_decodes_a_quantized_model_layer_by_layer(monkeypatch):
@@ -174,15 +208,17 @@ def test_sixteen_rows_each_as_if_alone(scheme, monkeypatch):
 
 
 @pytest.mark.parametrize("preset,scheme", [("tiny-hybrid", None), ("tiny-transformer", None), ("tiny-hybrid", "int8"),
-                                           ("tiny-hybrid", "bf16")])
+                                           ("tiny-hybrid", "bf16"), ("tiny-hybrid", "bf16 model")])
 def test_a_ragged_slot_batch_equals_the_layer_by_layer_decode(preset, scheme, monkeypatch):
     """The serving engine's SlotBatch: rows at different lengths, each with its own K/V tensors,
     non-consecutive slots (gathered Mamba rows): one step call, bitwise the layer-by-layer path."""
-    needs_kernels()
+    needs_bf16dot() if scheme == "bf16 model" else needs_kernels()
     model = jambalab.from_preset(preset, seed=0).eval()
-    if scheme:
+    if scheme == "bf16 model":
+        model = model.to(torch.bfloat16)
+    elif scheme:
         quantize_model(model, scheme)
-    rows = [0, 2, 3, 5, 6, 7]
+    rows = [0, 2, 5, 7] if scheme == "bf16 model" else [0, 2, 3, 5, 6, 7]
     ids = torch.randint(3, 512, (len(rows), 1), generator=torch.Generator().manual_seed(8))
     results = []
     for fast in (True, False):
@@ -207,13 +243,15 @@ def _count_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("change", ["rope", "bf16", "grad", "padded", "seventeen_rows", "empty_cache"])
+@pytest.mark.parametrize("change", ["rope", "bf16_five_rows", "bf16_top3", "grad", "padded", "seventeen_rows",
+                                    "empty_cache"])
 def test_what_the_step_does_not_take_decodes_layer_by_layer(change, monkeypatch):
     needs_kernels()
-    model = jambalab.from_preset("tiny-mixtral" if change == "rope" else "tiny-hybrid", seed=0).eval()
-    if change == "bf16":
+    overrides = {"top_k": 3} if change == "bf16_top3" else {}
+    model = jambalab.from_preset("tiny-mixtral" if change == "rope" else "tiny-hybrid", seed=0, **overrides).eval()
+    if change.startswith("bf16"):  # a bf16 model: at most 4 rows (wgemv's), MoE top-k at most 2
         model = model.to(torch.bfloat16)
-    bsz = 17 if change == "seventeen_rows" else 2
+    bsz = {"seventeen_rows": 17, "bf16_five_rows": 5}.get(change, 2)
     ids = torch.randint(3, 512, (bsz, 6), generator=torch.Generator().manual_seed(3))
     calls = _count_calls(monkeypatch)
     cache = model.allocate_cache(bsz)

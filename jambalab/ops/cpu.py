@@ -118,7 +118,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], weight.shape[0])
 
     def rms_norm(x, weight, eps):
-        return x.new_empty(x.shape)
+        return x.new_empty(x.shape, dtype=x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype))
 
     def mamba_decode(x, in_w, in_b, conv_state, conv_w, conv_b, x_proj_w, inner_norm, dt_norm_w, b_norm_w, c_norm_w,
                      norm_eps, dt_proj_w, dt_proj_b, A, D, ssm_state, out_w, out_b):

@@ -376,16 +376,20 @@ def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None) 
 # ---------------------------------------------------------------- RMSNorm
 
 
+_NORM_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """RMSNorm over the last dim. float32 on CPU without autograd: one kernel call (gemv.cpp);
-    else F.rms_norm in fp32 (equal to HF's op order there) or the reference (16-bit: HF casts
-    before scaling)."""
+    """RMSNorm over the last dim. float32 or bf16 x and weight on CPU without autograd: one kernel call
+    (gemv.cpp; 16-bit in the reference's op order: normalised in fp32, cast back, then scaled); else
+    F.rms_norm in fp32 (equal to HF's op order there) or the reference (16-bit: HF casts before scaling)."""
+    if (x.dtype in _NORM_DTYPES and (weight is None or weight.dtype in _NORM_DTYPES) and x.is_cpu and x.dim() >= 1
+            and x.shape[-1] > 0 and not _needs_grad(x, weight)
+            and (weight is None or (weight.is_cpu and weight.is_contiguous() and weight.shape == x.shape[-1:]))):
+        ops = cpu.kernels()
+        if ops is not None:
+            return ops.rms_norm(x.contiguous(), weight, eps)
     if x.dtype == torch.float32 and (weight is None or weight.dtype == torch.float32):
-        if (x.is_cpu and x.dim() >= 1 and x.shape[-1] > 0 and not _needs_grad(x, weight)
-                and (weight is None or (weight.is_cpu and weight.is_contiguous() and weight.shape == x.shape[-1:]))):
-            ops = cpu.kernels()
-            if ops is not None:
-                return ops.rms_norm(_f32(x), weight, eps)
         return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
     return rms_norm_ref(x, weight, eps)
 

@@ -2,9 +2,12 @@
 // - gemv: y (R, N) = x (R, K) @ W (N, K)^T + bias for R <= 16 rows, x float32, W float32 (twin:
 //   F.linear) or bf16 (weight-only bf16: x rounded to bf16, exact products summed in fp32; twin:
 //   quant_ref.bf16_gemv_ref);
-// - rms_norm: y = x * rsqrt(mean(x^2) + eps) * weight over the last dim, fp32 (twin:
+// - rms_norm: y = x * rsqrt(mean(x^2) + eps) * weight over the last dim (twin:
 //   jambalab.ops.rms_norm_ref, HF's op order). On CPU F.rms_norm is a chain of ~7 ops,
-//   ~60 us for a 16-wide row; a decode token of bench-hybrid runs 38 norms.
+//   ~60 us for a 16-wide row; a decode token of bench-hybrid runs 38 norms. x and the weight may
+//   also be bf16 (a bf16 model): normalised in fp32, rounded to x's dtype, then scaled, as the twin;
+//   only the order of the sum of squares differs from it (and it is each row's own, whatever the batch,
+//   so a bf16 model's decode step in step_bf16.cpp computes the same).
 //
 // Legend: R rows of x (batch x new tokens), K in_features, N out_features, W SIMD lanes.
 //
@@ -338,7 +341,8 @@ namespace {
 
 // ---------------------------------------------------------------- rms_norm
 
-void rms_row(const float* x, const float* w, float* y, int64_t K, float eps) {
+// 1 / sqrt(mean(x^2) + eps) of a row of K floats.
+float rms_inverse(const float* x, int64_t K, float eps) {
   vf a0{}, a1{};
   int64_t k = 0;
   for (; k + 2 * W <= K; k += 2 * W) {
@@ -352,11 +356,31 @@ void rms_row(const float* x, const float* w, float* y, int64_t K, float eps) {
   }
   float ss = hsum(a0 + a1);
   for (; k < K; ++k) ss += x[k] * x[k];
-  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(K) + eps);
+  return 1.0f / std::sqrt(ss / static_cast<float>(K) + eps);
+}
+
+void rms_row(const float* x, const float* w, float* y, int64_t K, float eps) {
+  const float inv = rms_inverse(x, K, eps);
   if (w) {
     for (int64_t j = 0; j < K; ++j) y[j] = w[j] * (x[j] * inv);
   } else {
     for (int64_t j = 0; j < K; ++j) y[j] = x[j] * inv;
+  }
+}
+
+float as_float(float v) { return v; }
+float as_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// A row of a 16-bit RMSNorm in HF's op order: normalised in fp32 and rounded to x's dtype X, then
+// multiplied by the weight (of dtype Wt, or none) in fp32 and stored as Y (the promoted dtype: bf16 only
+// when x and the weight both are). `f` is scratch for K floats.
+template <typename X, typename Wt, typename Y>
+void rms_row_lowp(const X* x, const Wt* w, Y* y, int64_t K, float eps, float* f) {
+  for (int64_t j = 0; j < K; ++j) f[j] = as_float(x[j]);
+  const float inv = rms_inverse(f, K, eps);
+  for (int64_t j = 0; j < K; ++j) {
+    const float n = as_float(static_cast<X>(f[j] * inv));
+    y[j] = static_cast<Y>(w ? as_float(w[j]) * n : n);
   }
 }
 
@@ -368,21 +392,65 @@ void rms_norm_rows(const float* x, const float* w, float* y, int64_t rows, int64
   for (int64_t r = 0; r < rows; ++r) rms_row(x + r * K, w, y + r * K, K, eps);
 }
 
+void rms_norm_rows_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t rows, int64_t K, float eps) {
+  std::vector<float> f(K);
+  const auto* xb = reinterpret_cast<const c10::BFloat16*>(x);
+  const auto* wb = reinterpret_cast<const c10::BFloat16*>(w);
+  auto* yb = reinterpret_cast<c10::BFloat16*>(y);
+  for (int64_t r = 0; r < rows; ++r) rms_row_lowp(xb + r * K, wb, yb + r * K, K, eps, f.data());
+}
+
+void rms_norm_rows_f32_bf16w(const float* x, const uint16_t* w, float* y, int64_t rows, int64_t K, float eps) {
+  std::vector<float> f(K);
+  const auto* wb = reinterpret_cast<const c10::BFloat16*>(w);
+  for (int64_t r = 0; r < rows; ++r) rms_row_lowp(x + r * K, wb, y + r * K, K, eps, f.data());
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, "rms_norm: x must be contiguous float32");
+  const auto xt = x.scalar_type(), wt = weight ? weight->scalar_type() : xt;
+  const bool lowp = xt == at::kBFloat16 || wt == at::kBFloat16;
+  TORCH_CHECK((xt == at::kFloat || xt == at::kBFloat16) && (wt == at::kFloat || wt == at::kBFloat16) &&
+                  x.is_contiguous() && x.dim() >= 1,
+              "rms_norm: x must be contiguous float32 or bf16, the weight float32 or bf16");
   const int64_t K = x.size(-1), rows = K ? x.numel() / K : 0;
   if (weight) {
-    TORCH_CHECK(weight->scalar_type() == at::kFloat && weight->is_contiguous() && weight->numel() == K,
-                "rms_norm: weight must be contiguous float32 (", K, ",)");
+    TORCH_CHECK(weight->is_contiguous() && weight->numel() == K, "rms_norm: weight must be contiguous (", K, ",)");
   }
-  auto y = at::empty(x.sizes(), x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight ? weight->data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
   const float e = static_cast<float>(eps);
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K)), [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) rms_row(xp + r * K, wp, yp + r * K, K, e);
-  });
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K));
+  if (!lowp) {
+    auto y = at::empty(x.sizes(), x.options());
+    const float* xp = x.data_ptr<float>();
+    const float* wp = weight ? weight->data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) rms_row(xp + r * K, wp, yp + r * K, K, e);
+    });
+    return y;
+  }
+  // 16-bit: normalised in fp32, rounded to x's dtype, scaled in the promoted dtype (rms_norm_ref's order).
+  const auto yt = xt == at::kBFloat16 && wt == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  auto y = at::empty(x.sizes(), x.options().dtype(yt));
+  const auto run = [&](auto xtag, auto wtag, auto ytag) {
+    using X = decltype(xtag);
+    using Wt = decltype(wtag);
+    using Y = decltype(ytag);
+    const X* xp = x.data_ptr<X>();
+    const Wt* wp = weight ? weight->data_ptr<Wt>() : nullptr;
+    Y* yp = y.data_ptr<Y>();
+    at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
+      std::vector<float> f(K);
+      for (int64_t r = lo; r < hi; ++r) rms_row_lowp(xp + r * K, wp, yp + r * K, K, e, f.data());
+    });
+  };
+  using BF = c10::BFloat16;
+  if (xt == at::kBFloat16 && wt == at::kBFloat16) {
+    run(BF{}, BF{}, BF{});
+  } else if (xt == at::kBFloat16) {
+    run(BF{}, 0.0f, 0.0f);
+  } else {
+    run(0.0f, BF{}, 0.0f);
+  }
   return y;
 }
 

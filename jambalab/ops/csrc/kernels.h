@@ -18,7 +18,7 @@ namespace jambalab {
 
 // gemv.cpp: y (R, N) = x (R, K) @ weight (N, K)^T + bias, R <= 16, x float32, weight float32 or bf16.
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
-// gemv.cpp: RMSNorm over the last dim, float32 (HF's op order).
+// gemv.cpp: RMSNorm over the last dim (HF's op order), x and weight float32 or bf16.
 at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps);
 // causal_conv1d.cpp: softplus(dt + bias), bias (D,) over the last dim, float32.
 at::Tensor dt_softplus_fwd(const at::Tensor& dt, const at::Tensor& bias);
@@ -50,8 +50,18 @@ class Bf16Rows {
   int64_t R_, K_;
   std::vector<uint16_t> x_;  // the prepared x (bf16 bits, or fp32 in the layout of the kernel without AVX512-BF16)
 };
+// qgemv.cpp: wgemv over bf16 x and a bf16 weight (a bf16 model), outputs [lo, hi) of the fp32 sums
+// y (R, N) (wgemv then rounds them to bf16), R <= 4, exactly as wgemv computes them; only where the CPU
+// has AVX512-BF16 (bf16dot_available()), elsewhere wgemv widens x and the weights instead.
+bool bf16dot_available();
+void bf16dot_outputs(const uint16_t* x, int64_t R, const uint16_t* w, const float* bias, float* y, int64_t K,
+                     int64_t N, int64_t lo, int64_t hi);
 // gemv.cpp: RMSNorm of `rows` rows of K floats (w may be null: weightless).
 void rms_norm_rows(const float* x, const float* w, float* y, int64_t rows, int64_t K, float eps);
+// gemv.cpp: the same over bf16 x and weight (w may be null) to bf16 y, and over float32 x with a bf16
+// weight to float32 y, as the rms_norm op computes them (x, w, y: raw bf16 bits).
+void rms_norm_rows_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t rows, int64_t K, float eps);
+void rms_norm_rows_f32_bf16w(const float* x, const uint16_t* w, float* y, int64_t rows, int64_t K, float eps);
 // causal_conv1d.cpp: out (rows, D) = softplus(x + bias).
 void dt_softplus_rows(const float* x, const float* bias, float* out, int64_t rows, int64_t D);
 // selective_scan.cpp: state_update / conv_update split their R * D rows into update_parts() parts
@@ -62,6 +72,13 @@ void state_update_part(int part, int parts, float* h, const float* x, const floa
                        int64_t Dn, int64_t N);
 void conv_update_part(int part, int parts, const float* x, float* conv_state, const float* w, const float* bias,
                       float* out, int64_t R, int64_t Dn, int64_t K);
+// The same over bf16 activations (a bf16 model: x, dt, B, C, z, y and the conv state bf16, raw bits;
+// the SSM state, A, D and the conv weights float32).
+void state_update_part_bf16(int part, int parts, float* h, const uint16_t* x, const uint16_t* dt, const float* A,
+                            const uint16_t* B, const uint16_t* C, const float* D, const uint16_t* z, uint16_t* y,
+                            int64_t R, int64_t Dn, int64_t N);
+void conv_update_part_bf16(int part, int parts, const uint16_t* x, uint16_t* conv_state, const float* w,
+                           const float* bias, uint16_t* out, int64_t R, int64_t Dn, int64_t K);
 
 // a8gemv.cpp: wgemv_a8 in two parts, for decode_step. A8Rows quantizes up to 4 rows of x (R, K) once
 // (as wgemv_a8 does, for int8 or for 4-bit weights: the step layouts differ); outputs() then computes
@@ -83,6 +100,10 @@ class A8Rows {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// step_bf16.cpp: decode_step (step.cpp) for a bf16 model, whose embedding is bf16.
+at::Tensor decode_step_bf16(const at::Tensor& ids, at::TensorList weights, at::TensorList states, at::IntArrayRef meta,
+                            at::IntArrayRef past, at::ArrayRef<double> eps);
 
 // attention.cpp: decode attention as prepare, tasks() independent run(t), merge (the op runs the
 // tasks on torch's threads, decode_step on its own).

@@ -265,6 +265,32 @@ constexpr bool kBf16Dot = true;
 constexpr bool kBf16Dot = false;
 #endif
 
+}  // namespace
+
+namespace jambalab {
+
+bool bf16dot_available() { return kBf16Dot; }
+
+void bf16dot_outputs(const uint16_t* x, int64_t R, const uint16_t* w, const float* bias, float* y, int64_t K,
+                     int64_t N, int64_t lo, int64_t hi) {
+#if defined(__AVX512BF16__)
+  for (int64_t o = lo; o < hi; ++o) {
+    switch (R) {
+      case 1: bf16dot_output<1>(x, w + o * K, bias, y, K, N, o); break;
+      case 2: bf16dot_output<2>(x, w + o * K, bias, y, K, N, o); break;
+      case 3: bf16dot_output<3>(x, w + o * K, bias, y, K, N, o); break;
+      default: bf16dot_output<4>(x, w + o * K, bias, y, K, N, o); break;
+    }
+  }
+#else
+  TORCH_CHECK(false, "bf16dot_outputs: this build has no AVX512-BF16");
+#endif
+}
+
+}  // namespace jambalab
+
+namespace {
+
 template <Fmt F, int R>
 void gemv_rows(const Args& a) {
   // Each task reads >= ~64 KiB of weights: smaller ones cost more in the fork than they save.

@@ -810,6 +810,16 @@ void state_update_part(int part, int parts, float* h, const float* x, const floa
   state_update_rows<float>(n * part / parts, n * (part + 1) / parts, h, x, dt, A, B, C, D, z, y, Dn, N);
 }
 
+void state_update_part_bf16(int part, int parts, float* h, const uint16_t* x, const uint16_t* dt, const float* A,
+                            const uint16_t* B, const uint16_t* C, const float* D, const uint16_t* z, uint16_t* y,
+                            int64_t R, int64_t Dn, int64_t N) {
+  using BF = c10::BFloat16;
+  const auto bf = [](const uint16_t* p) { return reinterpret_cast<const BF*>(p); };
+  const int64_t n = R * Dn;
+  state_update_rows<BF>(n * part / parts, n * (part + 1) / parts, h, bf(x), bf(dt), A, bf(B), bf(C), D, bf(z),
+                        reinterpret_cast<BF*>(y), Dn, N);
+}
+
 }  // namespace jambalab
 
 namespace {
@@ -867,6 +877,14 @@ void conv_update_part(int part, int parts, const float* x, float* conv_state, co
                       float* out, int64_t R, int64_t Dn, int64_t K) {
   const int64_t n = R * Dn;
   conv_update_rows<float, float>(n * part / parts, n * (part + 1) / parts, x, conv_state, w, bias, out, Dn, K);
+}
+
+void conv_update_part_bf16(int part, int parts, const uint16_t* x, uint16_t* conv_state, const float* w,
+                           const float* bias, uint16_t* out, int64_t R, int64_t Dn, int64_t K) {
+  using BF = c10::BFloat16;
+  const int64_t n = R * Dn;
+  conv_update_rows<BF, BF>(n * part / parts, n * (part + 1) / parts, reinterpret_cast<const BF*>(x),
+                           reinterpret_cast<BF*>(conv_state), w, bias, reinterpret_cast<BF*>(out), Dn, K);
 }
 
 }  // namespace jambalab

@@ -1,5 +1,6 @@
 // A whole decode step, all layers, in one op call: token ids (R,) -> logits (R, V), the cache's
-// states updated in place. Float32 activations and states, CPU, 1 to 16 rows, one new token each, no
+// states updated in place (a bf16 model, whose embedding is bf16: step_bf16.cpp).
+// Float32 activations and states, CPU, 1 to 16 rows, one new token each, no
 // padding; each row at its own position (past[r] cached tokens: a plain batch or the serving engine's
 // ragged slots). Weight matrices are float32, bf16 (weight-only bf16: x rounded to bf16, exact products,
 // fp32 sums, as the gemv op), or int8 / 4-bit with fp16 group scales (quant.py's formats; scales[i]
@@ -29,115 +30,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
-
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cstring>
 #include <initializer_list>
-#include <mutex>
-#include <thread>
 #include <utility>
 #include <vector>
 
-#include "kernels.h"  // gemv_outputs, A8Rows, the update parts, DecodeAttention
+#include "kernels.h"      // gemv_outputs, A8Rows, the update parts, DecodeAttention
+#include "step_common.h"  // StepPool, split_outputs, Routing, check_kv_rows
 
 namespace {
-
-constexpr int64_t kParallelBytes = 256 << 10;     // a GEMV reading less runs on the caller alone
-constexpr int64_t kTaskBytes = 64 << 10;          // weight bytes per claimed task: at least
-constexpr int64_t kMaxTaskBytes = 1 << 20;        //   and at most; else 1/8 of a thread's share
-constexpr int64_t kParallelStepBytes = 2 << 20;   // a step reading less never uses a second thread
-constexpr auto kSpin = std::chrono::microseconds(50);  // a worker polls this long before it sleeps
-
-// ---------------------------------------------------------------- StepPool
-
-class StepPool {
- public:
-  static StepPool& get() {
-    static StepPool* pool = new StepPool;  // never destroyed: its detached workers sleep until exit
-    return *pool;
-  }
-
-  // body(i) for i in [0, n) on the caller and up to threads - 1 workers; returns when all are done.
-  template <typename F>
-  void run(int64_t n, int threads, const F& body) {
-    if (n <= 1 || threads <= 1 || !busy_.try_lock()) {  // a concurrent caller runs alone
-      for (int64_t i = 0; i < n; ++i) body(i);
-      return;
-    }
-    ensure_workers(threads - 1);
-    fn_ = [](const void* ctx, int64_t i) { (*static_cast<const F*>(ctx))(i); };
-    ctx_ = &body;
-    n_.store(n, std::memory_order_relaxed);
-    done_.store(0, std::memory_order_relaxed);
-    const uint32_t job = ++job_;
-    state_.store(static_cast<uint64_t>(job) << 32, std::memory_order_release);
-    seq_.store(job, std::memory_order_seq_cst);
-    if (sleepers_.load(std::memory_order_seq_cst) > 0) seq_.notify_all();
-    work(job);
-    // Only tasks a worker has claimed are outstanding: it is running them (or was preempted inside one).
-    for (int spins = 0; done_.load(std::memory_order_acquire) < n; ++spins) {
-      if (spins < 4096) {
-        _mm_pause();
-      } else {
-        std::this_thread::yield();
-      }
-    }
-    busy_.unlock();
-  }
-
- private:
-  // Claims and runs tasks of `job` until none is left.
-  void work(uint32_t job) {
-    for (;;) {
-      uint64_t s = state_.load(std::memory_order_acquire);
-      if (static_cast<uint32_t>(s >> 32) != job) return;
-      const int64_t i = static_cast<int64_t>(s & 0xffffffffu);
-      if (i >= n_.load(std::memory_order_relaxed)) return;
-      if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) continue;
-      fn_(ctx_, i);  // job is still open: fn_ and ctx_ are its own (the caller waits for this task)
-      done_.fetch_add(1, std::memory_order_release);
-    }
-  }
-
-  void worker() {
-    uint32_t seen = seq_.load();
-    for (;;) {
-      const auto start = std::chrono::steady_clock::now();
-      uint32_t now;
-      int polls = 0;
-      while ((now = seq_.load(std::memory_order_acquire)) == seen) {
-        _mm_pause();
-        if (++polls % 256 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
-          sleepers_.fetch_add(1, std::memory_order_seq_cst);
-          seq_.wait(seen, std::memory_order_seq_cst);
-          sleepers_.fetch_sub(1, std::memory_order_seq_cst);
-        }
-      }
-      seen = now;
-      work(now);
-    }
-  }
-
-  void ensure_workers(int n) {
-    while (static_cast<int>(workers_) < n) {
-      std::thread([this] { worker(); }).detach();
-      ++workers_;
-    }
-  }
-
-  std::mutex busy_;
-  std::atomic<uint64_t> state_{0};  // (job << 32) | next unclaimed task
-  std::atomic<int64_t> n_{0}, done_{0};
-  std::atomic<uint32_t> seq_{0};    // the newest job, for workers to wait on
-  std::atomic<int> sleepers_{0};
-  uint32_t job_ = 0;
-  size_t workers_ = 0;
-  void (*fn_)(const void*, int64_t) = nullptr;
-  const void* ctx_ = nullptr;
-};
 
 // ---------------------------------------------------------------- the step
 
@@ -181,24 +83,13 @@ struct Step {
 
   template <typename F>
   void par(int64_t tasks, const F& body) const {
-    StepPool::get().run(tasks, threads, body);
+    jambalab::StepPool::get().run(tasks, threads, body);
   }
 
-  // body(lo, hi) over the outputs of m: split by output rows into tasks when large enough, each 1/8 of
-  // a thread's share of the weights, within [kTaskBytes, kMaxTaskBytes]. A task is one sequential
-  // stream that the prefetchers (and prefetch_weights) must ramp up again at its start: 64 KiB tasks
-  // cost A's 134 MB bf16 in_proj that ramp 2,000 times, and A bf16w decoded at 16.7-19.8 tokens/s
-  // against 18.1-23.6 with these (4 interleaved rounds; B 4-bit 166-187 against 177-197). Eight tasks a
-  // thread still leave the claiming to even out a thread that is descheduled or slower.
+  // body(lo, hi) over the outputs of m, on the pool when large enough (split_outputs).
   template <typename F>
   void outputs(const Mat& m, const F& body) const {
-    if (threads <= 1 || m.bytes() < kParallelBytes) {
-      body(0, m.N);
-      return;
-    }
-    const int64_t task = std::clamp<int64_t>(m.bytes() / (8 * threads), kTaskBytes, kMaxTaskBytes);
-    const int64_t rows = std::max<int64_t>(4, task / m.row_bytes), tasks = (m.N + rows - 1) / rows;
-    par(tasks, [&](int64_t t) { body(t * rows, std::min(m.N, (t + 1) * rows)); });
+    jambalab::split_outputs(m.N, m.bytes(), m.row_bytes, threads, body);
   }
 
   // x (R, K) rounded to int8 for a quantized m's kind, in qlinear's blocks of 4 rows.
@@ -273,16 +164,12 @@ struct Step {
       return mat(stack.select(0, e), scales.numel() ? scales.select(0, e) : scales);
     };
     const auto [weights, experts] = at::topk(at::softmax(logits, -1, at::kFloat), top_k, -1);  // (R, k)
-    const auto ids = experts.accessor<int64_t, 2>();
     const auto wts = weights.accessor<float, 2>();
+    const jambalab::Routing routing(experts, E);
     std::vector<float> ye(R * top_k * d);  // row r's k-th choice at (r * top_k + k) * d
     std::vector<float> xe, g, u, out;
-    std::vector<int64_t> slots;
     for (int64_t e = 0; e < E; ++e) {
-      slots.clear();
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t k = 0; k < top_k; ++k)
-          if (ids[r][k] == e) slots.push_back(r * top_k + k);
+      const std::vector<int64_t>& slots = routing.slots[e];
       if (slots.empty()) continue;
       const int64_t n = static_cast<int64_t>(slots.size());
       xe.resize(n * d), g.resize(n * F), u.resize(n * F), out.resize(n * d);
@@ -295,11 +182,8 @@ struct Step {
       for (int64_t i = 0; i < n; ++i) std::memcpy(ye.data() + slots[i] * d, out.data() + i * d, d * 4);
     }
     for (int64_t r = 0; r < R; ++r) {
-      std::vector<int64_t> order(top_k);
-      for (int64_t k = 0; k < top_k; ++k) order[k] = k;
-      std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[r][a] < ids[r][b]; });
       for (int64_t j = 0; j < top_k; ++j) {
-        const int64_t k = order[j];
+        const int64_t k = routing.order[r][j];
         add_scaled(y + r * d, ye.data() + (r * top_k + k) * d, wts[r][k], d, j == 0);
       }
     }
@@ -383,7 +267,7 @@ struct Step {
       const int64_t r = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
       att[r].run(t - first[r]);
     };
-    if (threads > 1 && kv_bytes >= kParallelBytes) {
+    if (threads > 1 && kv_bytes >= jambalab::kParallelBytes) {
       par(first[R], run);
     } else {
       for (int64_t t = 0; t < first[R]; ++t) run(t);
@@ -396,7 +280,7 @@ struct Step {
 constexpr int kGlobal = 3;   // embed, norm_f, lm_head
 constexpr int kSlots = 20;   // per layer: norm1, norm2, 14 mixer slots, 4 FFN slots
 constexpr int kMixer = 2, kFfn = 16;
-constexpr int kMeta = 3;     // n_heads, n_kv_heads, head_dim
+constexpr int kMeta = 4;     // n_heads, n_kv_heads, head_dim, residual_in_fp32 (read by step_bf16.cpp)
 constexpr int kLayerMeta = 4;  // mixer (0 Mamba, 1 attention), ffn (0 none, 1 MLP, 2 MoE), top_k, inner_norm
 
 constexpr int kMaxRows = 16;
@@ -438,6 +322,10 @@ at::Tensor decode_step(const at::Tensor& ids, at::TensorList weights, at::Tensor
                   states.size() == static_cast<size_t>(n_states),
               "decode_step: ", L, " layers need ", kGlobal + kSlots * L, " weights, as many scales and ", n_states,
               " states");
+  if (weights[0].scalar_type() == at::kBFloat16) {  // a bf16 model: bf16 activations (step_bf16.cpp)
+    for (const at::Tensor& s : scales) TORCH_CHECK(s.numel() == 0, "decode_step: a bf16 model has no scales");
+    return jambalab::decode_step_bf16(ids, weights, states, meta, past, eps);
+  }
   int64_t bytes = 0;
   for (size_t i = 0; i < weights.size(); ++i) {
     check_weight(weights[i], scales[i], i);
@@ -456,7 +344,7 @@ at::Tensor decode_step(const at::Tensor& ids, at::TensorList weights, at::Tensor
 
   Step step;
   step.R = R;
-  step.threads = bytes >= kParallelStepBytes ? at::get_num_threads() : 1;
+  step.threads = bytes >= jambalab::kParallelStepBytes ? at::get_num_threads() : 1;
   std::vector<float> h(R * d), xn(R * d), y(R * d);
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r) {
@@ -469,12 +357,7 @@ at::Tensor decode_step(const at::Tensor& ids, at::TensorList weights, at::Tensor
     const int64_t* lm = &meta[kMeta + kLayerMeta * i];
     jambalab::rms_norm_rows(h.data(), ptr(w[0]), xn.data(), R, d, norm_eps);
     if (lm[0] == 1) {
-      for (int64_t r = 0; r < R; ++r) {
-        const at::Tensor &kr = states[si + r], &vr = states[si + R + r];
-        TORCH_CHECK(kr.dim() == 4 && kr.size(1) == Hk && kr.size(3) == hd && vr.sizes() == kr.sizes() &&
-                        past[r] >= 0 && past[r] < kr.size(2),
-                    "decode_step: row ", r, "'s K/V cache ", kr.sizes(), " has no room at position ", past[r]);
-      }
+      jambalab::check_kv_rows(&states[si], R, Hk, hd, past.data());
       step.attention(xn.data(), w + kMixer, sc + kMixer, H, Hk, hd, past.data(), &states[si], &states[si + R], y.data());
       si += 2 * R;
     } else {
@@ -501,7 +384,10 @@ at::Tensor decode_step(const at::Tensor& ids, at::TensorList weights, at::Tensor
 
 }  // namespace
 
+bool has_bf16dot() { return jambalab::bf16dot_available(); }
+
 TORCH_LIBRARY_FRAGMENT(jambalab_kernels, m) {
+  m.def("has_bf16dot() -> bool", &has_bf16dot);
   m.def("decode_step(Tensor ids, Tensor[] weights, Tensor[] scales, Tensor(a!)[] states, int[] meta, int[] past, "
         "float[] eps) -> Tensor");
 }
