@@ -290,3 +290,29 @@ def test_generate_with_the_step_equals_generate_without(monkeypatch):
     fast = generate(model, ids, 12, do_sample=True, top_k=20, seed=3)
     monkeypatch.setattr(model_module, "decode_step", lambda *a: None)
     assert torch.equal(fast, generate(model, ids, 12, do_sample=True, top_k=20, seed=3))
+
+
+def test_one_aten_thread_is_a_setting_of_the_calling_thread_and_is_put_back():
+    """cpu.one_aten_thread (around sampling between decode steps): ATen sees one thread inside, the
+    previous count after, also after an exception, and other threads keep theirs."""
+    needs_kernels()
+    import threading
+
+    threads = torch.get_num_threads()
+    seen = []
+    try:
+        torch.set_num_threads(2)
+        with cpu.one_aten_thread():
+            assert torch.get_num_threads() == 1
+            other = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+            other.start()
+            other.join()
+        assert torch.get_num_threads() == 2 and seen == [2]
+        with pytest.raises(RuntimeError), cpu.one_aten_thread():
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+        generate(jambalab.from_preset("tiny-hybrid", seed=0).eval(), torch.tensor([[5, 6]]), 3, do_sample=True,
+                 top_p=0.9, seed=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -5,7 +5,8 @@ import torch
 
 import jambalab
 from jambalab.errors import InputError
-from jambalab.generate import SamplingParams, generate, prefill, sample_next, stream_generate
+from jambalab.generate import (SamplingParams, generate, prefill, sample_next, sample_probs, sample_probs_ref,
+                               stream_generate)
 from jambalab.tokenizer import ByteTokenizer
 
 FAMILIES = ["tiny-hybrid", "tiny-mamba", "tiny-falcon-mamba", "tiny-transformer", "tiny-mixtral"]
@@ -162,6 +163,35 @@ def test_degenerate_sampling_is_greedy(models):
     greedy = generate(model, ids, 6)
     assert torch.equal(generate(model, ids, 6, do_sample=True, top_k=1, seed=0), greedy)
     assert torch.equal(generate(model, ids, 6, do_sample=True, temperature=0.0, seed=0), greedy)
+
+
+@pytest.mark.parametrize("vocab", [1000, 5000])
+@pytest.mark.parametrize("top_k", [None, 1, 5, 300])
+@pytest.mark.parametrize("top_p", [None, 0.01, 0.5, 0.9, 0.999])
+def test_the_candidate_sampler_follows_the_full_sort(vocab, top_k, top_p):
+    """sample_probs (the highest logits only, widened until the nucleus fits) against its twin, the
+    filters on a full sort: the same tokens kept, the same probabilities."""
+    g = torch.Generator().manual_seed(vocab + (top_k or 0))
+    logits = torch.cat([3 * torch.randn(2, vocab, generator=g), 0.01 * torch.randn(1, vocab, generator=g)])  # a flat row
+    params = SamplingParams(True, 0.7, top_k=top_k, top_p=top_p)
+    probs, ids = sample_probs(logits, params)
+    dense = probs if ids is None else torch.zeros(3, vocab, dtype=probs.dtype).scatter(-1, ids, probs)
+    want = sample_probs_ref(logits.double(), params)
+    assert torch.equal(dense > 0, want > 0)
+    torch.testing.assert_close(dense, want, rtol=0, atol=1e-6)
+    if top_p == 0.9 and top_k is None:  # the flat row's nucleus is ~90% of the vocabulary: past 256 candidates
+        assert (dense[2] > 0).sum() > 256
+
+
+def test_the_candidate_sampler_keeps_ties_with_the_kth_logit_and_draws_in_proportion():
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]])
+    probs, ids = sample_probs(logits, SamplingParams(True, 1.0, top_k=2))
+    assert sorted(ids[probs > 0].tolist()) == [0, 1, 2, 3]  # as the reference: every logit >= the 2nd
+    lg = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(1)
+    draws = torch.stack([sample_next(lg, SamplingParams(True, 1.0), g) for _ in range(4000)])[:, 0]
+    freq = torch.bincount(draws, minlength=4) / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), rtol=0, atol=0.03)
 
 
 def test_top_k_and_top_p_filters():

@@ -10,7 +10,8 @@ versions and this CPU's model and feature flags: a `-march=native` binary is
 never reused on another CPU, and a cached one loads without ninja or a compiler.
 Its ops live in `torch.ops.jambalab_kernels` (scan_fwd, scan_bwd,
 state_update, conv_update, conv_fwd, conv_bwd, dt_softplus_fwd/bwd, gemv, rms_norm, mamba_decode, mlp_decode,
-moe_decode, decode_step, ce_fwd, ce_bwd, ce_bwd_, decode_attention, wgemv, wgemv_a8, act_round, a8_native, dequant); jambalab/ops/fused.py
+moe_decode, decode_step, has_bf16dot, aten_threads, ce_fwd, ce_bwd, ce_bwd_, decode_attention, wgemv, wgemv_a8, act_round,
+a8_native, dequant); jambalab/ops/fused.py
 and jambalab/ops/lowp.py wrap them.
 
 `kernels()` tries once per process. If the build fails it warns once and
@@ -22,6 +23,7 @@ Legend (the fake kernels): B batch, L length, D d_inner, N d_state, T chunk_size
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -30,6 +32,7 @@ import shutil
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +166,24 @@ def _register_fakes() -> None:
                gemv, rms_norm, mamba_decode, mlp_decode, moe_decode, decode_step, ce_fwd, ce_bwd, ce_bwd_, decode_attention, wgemv, wgemv_a8,
                act_round, dequant):
         torch.library.register_fake(f"{_LIB}::{fn.__name__}", fn)
+
+
+@contextlib.contextmanager
+def one_aten_thread() -> Iterator[None]:
+    """ATen ops in the block run on the calling thread alone: its OpenMP thread count and MKL's
+    thread-local one are 1 until the block ends (settings of that thread only; a no-op without the
+    kernels). For the small ops between decode steps, such as sampling over the vocabulary: on 2
+    threads each one woke torch's OpenMP workers, which then spun for milliseconds beside the step's
+    own threads (csrc/step_common.h's SerialAten does the same inside a bf16 model's step)."""
+    ops = kernels()
+    if ops is None:
+        yield
+        return
+    omp, mkl = ops.aten_threads(1, 1)
+    try:
+        yield
+    finally:
+        ops.aten_threads(omp, mkl)
 
 
 def build_error() -> KernelBuildError | None:

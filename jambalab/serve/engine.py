@@ -21,6 +21,7 @@ tokens equal `model.generate`'s alone (tests/test_serve_engine.py).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import queue
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from jambalab.errors import ConfigError, InputError, JambalabError
 from jambalab.generate import SamplingParams as _Sampler
 from jambalab.generate import sample_next
+from jambalab.ops import cpu
 from jambalab.serve.cost import PrefillCost
 from jambalab.serve.prefix_cache import PrefixCache
 from jambalab.serve.slots import SlotCache
@@ -445,12 +447,15 @@ class Engine:
         p = req.params
         sampler = _Sampler(do_sample=p.temperature > 0, temperature=p.temperature or 1.0,
                            top_k=p.top_k or None, top_p=p.top_p if p.top_p < 1 else None)
-        token = int(sample_next(logits[None], sampler, req.generator)[0])
-        logp = F.log_softmax(logits.float(), dim=-1)  # the model's distribution, before any filtering
         top = None
-        if p.logprobs:
-            values, ids = torch.topk(logp, p.logprobs)
-            top = list(zip(ids.tolist(), values.tolist()))
+        # On this thread alone: ops over the vocabulary would wake torch's OpenMP workers, which then spin
+        # beside the next decode step's threads (jambalab.ops.cpu.one_aten_thread).
+        with cpu.one_aten_thread() if logits.is_cpu else contextlib.nullcontext():
+            token = int(sample_next(logits[None], sampler, req.generator)[0])
+            logp = F.log_softmax(logits.float(), dim=-1)  # the model's distribution, before any filtering
+            if p.logprobs:
+                values, ids = torch.topk(logp, p.logprobs)
+                top = list(zip(ids.tolist(), values.tolist()))
         req.output.append(token)
         self._counters["generated_tokens"] += 1
         reason = "stop" if token in p.stop_token_ids else "length" if len(req.output) >= p.max_tokens else None

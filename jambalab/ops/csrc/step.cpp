@@ -386,8 +386,17 @@ at::Tensor decode_step(const at::Tensor& ids, at::TensorList weights, at::Tensor
 
 bool has_bf16dot() { return jambalab::bf16dot_available(); }
 
+// set_aten_threads (step_common.h) for Python: cpu.one_openmp_thread around the small ops between decode
+// steps. Returns the previous (OpenMP, MKL thread-local) counts, to be set back.
+std::vector<int64_t> aten_threads(int64_t omp, int64_t mkl_local) {
+  TORCH_CHECK(omp >= 1 && mkl_local >= 0, "aten_threads: omp >= 1 and mkl_local >= 0, got ", omp, ", ", mkl_local);
+  const auto [previous_omp, previous_mkl] = jambalab::set_aten_threads(static_cast<int>(omp), static_cast<int>(mkl_local));
+  return {previous_omp, previous_mkl};
+}
+
 TORCH_LIBRARY_FRAGMENT(jambalab_kernels, m) {
   m.def("has_bf16dot() -> bool", &has_bf16dot);
+  m.def("aten_threads(int omp, int mkl_local) -> int[]", &aten_threads);
   m.def("decode_step(Tensor ids, Tensor[] weights, Tensor[] scales, Tensor(a!)[] states, int[] meta, int[] past, "
         "float[] eps) -> Tensor");
 }

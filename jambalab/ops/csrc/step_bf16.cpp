@@ -19,7 +19,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <bit>
@@ -51,17 +50,6 @@ std::vector<float> widen(const at::Tensor& t) {
   for (size_t i = 0; i < out.size(); ++i) out[i] = val(p[i]);
   return out;
 }
-
-// The ATen ops of the step (flash attention above all) run on the calling thread alone while this
-// lives: otherwise torch's CPU flash kernel wakes the OpenMP threads, which then spin for milliseconds
-// beside StepPool's workers (B bf16: an OpenMP thread spinning 18-30% of the time, 42-47 tokens/s).
-// The thread count is an OpenMP setting of the calling thread only (omp_get_max_threads, which
-// at::get_num_threads returns); the flash kernel's results do not depend on it.
-struct OneOpenMpThread {
-  int saved = omp_get_max_threads();
-  OneOpenMpThread() { omp_set_num_threads(1); }
-  ~OneOpenMpThread() { omp_set_num_threads(saved); }
-};
 
 struct Bf16Step {
   int64_t R = 0;
@@ -224,7 +212,7 @@ at::Tensor decode_step_bf16(const at::Tensor& ids, at::TensorList weights, at::T
                             at::IntArrayRef past, at::ArrayRef<double> eps) {
   TORCH_CHECK(bf16dot_available(), "decode_step: a bf16 model needs a CPU with AVX512-BF16");
   const int threads = at::get_num_threads();
-  const OneOpenMpThread serial;
+  const SerialAten serial;  // flash attention and the rest of ATen's ops: on this thread (step_common.h)
   const int64_t L = (meta.size() - kMeta) / kLayerMeta, R = ids.size(0);
   TORCH_CHECK(R <= kMaxRows, "decode_step: a bf16 model takes 1 to ", kMaxRows, " rows, got ", R);
   const bool fp32_residual = meta[3] != 0;

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <atomic>
@@ -13,6 +14,7 @@
 #include <cstdint>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace jambalab {
@@ -127,6 +129,32 @@ void split_outputs(int64_t N, int64_t bytes, int64_t row_bytes, int threads, con
   const int64_t rows = std::max<int64_t>(4, task / row_bytes), tasks = (N + rows - 1) / rows;
   StepPool::get().run(tasks, threads, [&](int64_t t) { body(t * rows, std::min(N, (t + 1) * rows)); });
 }
+
+// The calling thread's ATen thread counts: OpenMP's (what at::get_num_threads() returns on it, hence how
+// many threads its ATen ops fork) and MKL's thread-local one (the vector math behind ATen's exp and log,
+// which forks its own OpenMP regions whatever the first says; 0 = none, the global setting applies).
+// Both are settings of this thread only. Returns the previous pair. MKL's is skipped in a torch built
+// without MKL (the weak symbol is then null). MKL_Set_Num_Threads_Local is the C entry point that
+// mkl_service.h's mkl_set_num_threads_local names (the lowercase symbol is Fortran's: a pointer).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+inline std::pair<int, int> set_aten_threads(int omp, int mkl_local) {
+  const int previous_omp = omp_get_max_threads();
+  omp_set_num_threads(omp);
+  const int previous_mkl = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(mkl_local) : 0;
+  return {previous_omp, previous_mkl};
+}
+
+// While it lives, the ATen ops this thread calls run on it alone: run on two threads, each one woke
+// torch's OpenMP workers, which then spun for milliseconds beside StepPool's (step_bf16.cpp: torch's
+// flash attention kernel, B bf16 decoding at 42-47 tokens/s against ~60; sampling between steps).
+struct SerialAten {
+  std::pair<int, int> saved = set_aten_threads(1, 1);
+  ~SerialAten() { set_aten_threads(saved.first, saved.second); }
+  SerialAten() = default;
+  SerialAten(const SerialAten&) = delete;
+  SerialAten& operator=(const SerialAten&) = delete;
+};
 
 // An attention layer's R K caches then R V caches, each (1, Hk, capacity, hd): row r's must have room
 // for a key at position past[r].
