@@ -1,5 +1,6 @@
 """torchrun: 2 processes on CPU (gloo) take the same steps as 1 process with the same global batch."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -80,13 +81,32 @@ def _torchrun_once(out: Path, corpus: Path, *extra: str) -> str | None:
     try:
         stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGUSR1)
-        time.sleep(2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+        # torchrun's workers run in sessions of their own: signal the whole tree, not only the group.
+        tree = [proc.pid, *_descendants(proc.pid)]
+        for sig in (signal.SIGUSR1, signal.SIGKILL):
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            time.sleep(2)
+        stdout, stderr = proc.communicate(timeout=60)
         return f"stderr:\n{stderr[-12000:]}\nstdout:\n{stdout[-3000:]}"
     assert proc.returncode == 0, stderr[-3000:]
     return None
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below pid (from /proc), children first."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def _rows(out: Path) -> tuple[list, list]:

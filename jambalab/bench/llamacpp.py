@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import jambalab
 from jambalab.errors import InputError
 
 CONVERTED = {"F32": "f32", "BF16": "bf16"}  # written by the converter; the others by llama-quantize from F32
@@ -106,9 +107,11 @@ def gguf_file(llama: LlamaCpp, model_dir: Path, out_dir: Path, kind: str, thread
 
 
 def run_tool(cmd: list[str], timeout_s: int, what: str) -> str:
-    """stdout of cmd; RuntimeError naming `what` and the tool's last line if it fails."""
+    """stdout of cmd; RuntimeError naming `what` and the tool's last line if it fails. The tool runs in
+    the environment its users give it: without what jambalab set for itself (jambalab.SET_ENV)."""
+    env = {k: v for k, v in os.environ.items() if k not in jambalab.SET_ENV}
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"{what} timed out after {timeout_s} s") from None
     if done.returncode != 0:
