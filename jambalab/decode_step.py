@@ -215,7 +215,7 @@ def _fits(t: torch.Tensor | tuple | None) -> bool:
 
 def _fits_bf16(t: torch.Tensor | tuple | None, is_a: bool) -> bool:
     """A bf16 model's slot: a contiguous CPU bf16 tensor (a matrix marked (w, None, None)), or absent; an
-    A slot (refilled each step with the mixer's float32 A) holds its A_log."""
+    A slot is empty in the plan (each step fills it with the mixer's float32 A)."""
     if isinstance(t, tuple):
         t = t[0] if t[1] is None else None
         if t is None:
