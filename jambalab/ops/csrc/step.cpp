@@ -37,7 +37,7 @@
 #include <vector>
 
 #include "kernels.h"      // gemv_outputs, A8Rows, the update parts, DecodeAttention
-#include "step_common.h"  // StepPool, split_outputs, Routing, check_kv_rows
+#include "step_common.h"  // StepPool, split_outputs, run_parts, Routing, check_kv_rows
 
 namespace {
 
@@ -80,11 +80,6 @@ __attribute__((optimize("fp-contract=off"))) void add_scaled(float* out, const f
 struct Step {
   int64_t R = 0;
   int threads = 1;
-
-  template <typename F>
-  void par(int64_t tasks, const F& body) const {
-    jambalab::StepPool::get().run(tasks, threads, body);
-  }
 
   // body(lo, hi) over the outputs of m, on the pool when large enough (split_outputs).
   template <typename F>
@@ -189,17 +184,6 @@ struct Step {
     }
   }
 
-  // The rows' state update parts (update_parts: as the op splits them), on the pool when several.
-  template <typename F>
-  void parts(int64_t work_per_row, int64_t rows, const F& body) const {
-    const int p = jambalab::update_parts(rows, work_per_row);
-    if (p == 1) {
-      body(0, 1);
-    } else {
-      par(p, [&](int64_t i) { body(static_cast<int>(i), p); });
-    }
-  }
-
   // MambaMixer decode (mamba_decode): x (R, d) -> y (R, d); conv (R, D, Kc), ssm (R, D, N) in place.
   void mamba(const float* x, const at::Tensor* w, const at::Tensor* sc, bool inner_norm, float inner_eps,
              at::Tensor& conv, at::Tensor& ssm, float* y) const {
@@ -214,7 +198,7 @@ struct Step {
       std::memcpy(z.data() + r * Dn, xz.data() + r * 2 * Dn + Dn, Dn * 4);
     }
     float* cs = conv.data_ptr<float>();
-    parts(Kc, R * Dn, [&](int p, int np) {
+    jambalab::run_parts(Kc, R * Dn, threads, [&](int p, int np) {
       jambalab::conv_update_part(p, np, xs.data(), cs, conv_w.data_ptr<float>(), ptr(w[3]), xc.data(), R, Dn, Kc);
     });
     gemv(xc.data(), mat(x_proj, sc[4]), nullptr, dbc.data());
@@ -231,7 +215,7 @@ struct Step {
     gemv(dt.data(), mat(dt_proj, sc[8]), nullptr, dtf.data());
     jambalab::dt_softplus_rows(dtf.data(), w[9].data_ptr<float>(), dts.data(), R, Dn);
     float* hs = ssm.data_ptr<float>();
-    parts(N, R * Dn, [&](int p, int np) {
+    jambalab::run_parts(N, R * Dn, threads, [&](int p, int np) {
       jambalab::state_update_part(p, np, hs, xc.data(), dts.data(), A.data_ptr<float>(), B.data(), C.data(),
                                   ptr(Dsk), z.data(), yy.data(), R, Dn, N);
     });
@@ -268,7 +252,7 @@ struct Step {
       att[r].run(t - first[r]);
     };
     if (threads > 1 && kv_bytes >= jambalab::kParallelBytes) {
-      par(first[R], run);
+      jambalab::StepPool::get().run(first[R], threads, run);
     } else {
       for (int64_t t = 0; t < first[R]; ++t) run(t);
     }
@@ -386,7 +370,7 @@ at::Tensor decode_step(const at::Tensor& ids, at::TensorList weights, at::Tensor
 
 bool has_bf16dot() { return jambalab::bf16dot_available(); }
 
-// set_aten_threads (step_common.h) for Python: cpu.one_openmp_thread around the small ops between decode
+// set_aten_threads (step_common.h) for Python: cpu.one_aten_thread around the small ops between decode
 // steps. Returns the previous (OpenMP, MKL thread-local) counts, to be set back.
 std::vector<int64_t> aten_threads(int64_t omp, int64_t mkl_local) {
   TORCH_CHECK(omp >= 1 && mkl_local >= 0, "aten_threads: omp >= 1 and mkl_local >= 0, got ", omp, ", ", mkl_local);

@@ -26,7 +26,7 @@
 #include <vector>
 
 #include "kernels.h"    // bf16dot_outputs, rms_norm_rows_bf16, the bf16 update parts
-#include "step_common.h"  // StepPool, split_outputs, Routing
+#include "step_common.h"  // split_outputs, run_parts, Routing, SerialAten, check_kv_rows
 
 namespace {
 
@@ -64,16 +64,6 @@ struct Bf16Step {
       jambalab::bf16dot_outputs(x, R, wp, bias, acc.data(), K, N, lo, hi);
     });
     for (int64_t i = 0; i < R * N; ++i) y[i] = bits(acc[i]);
-  }
-
-  template <typename F>
-  void parts(int64_t work_per_row, int64_t rows, const F& body) const {
-    const int p = jambalab::update_parts(rows, work_per_row);
-    if (p == 1) {
-      body(0, 1);
-    } else {
-      jambalab::StepPool::get().run(p, threads, [&](int64_t i) { body(static_cast<int>(i), p); });
-    }
   }
 
   // silu(g) * u in place in g (rows, F): model.swiglu's silu_ and mul_ in bf16.
@@ -149,7 +139,7 @@ struct Bf16Step {
       std::memcpy(z.data() + r * Dn, xz.data() + r * 2 * Dn + Dn, Dn * 2);
     }
     u16* cs = bf_mut(conv);
-    parts(Kc, R * Dn, [&](int p, int np) {
+    jambalab::run_parts(Kc, R * Dn, threads, [&](int p, int np) {
       jambalab::conv_update_part_bf16(p, np, xs.data(), cs, conv_w.data(), opt(conv_b), xc.data(), R, Dn, Kc);
     });
     gemv(xc.data(), x_proj, nullptr, dbc.data());
@@ -168,7 +158,7 @@ struct Bf16Step {
     // dt_softplus_ref: softplus(dt + bias) in bf16, through ATen as the layer path.
     const at::Tensor dts = at::softplus(at::add(view(dtf.data(), {R, Dn}), w[9]));
     float* hs = ssm.data_ptr<float>();
-    parts(N, R * Dn, [&](int p, int np) {
+    jambalab::run_parts(N, R * Dn, threads, [&](int p, int np) {
       jambalab::state_update_part_bf16(p, np, hs, xc.data(), bf(dts), A.data_ptr<float>(), B.data(), C.data(),
                                        opt(Dsk), z.data(), yy.data(), R, Dn, N);
     });

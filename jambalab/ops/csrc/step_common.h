@@ -1,5 +1,6 @@
 // What the two whole decode steps (step.cpp, step_bf16.cpp) share: their threads (StepPool, and the
-// split of a GEMV's outputs into claimed tasks; step.cpp's head says why) and an MoE's routing.
+// split of a GEMV's outputs and of the state updates into claimed tasks; step.cpp's head says why), their
+// ATen thread guard, the K/V-room check and an MoE's routing.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,6 +17,8 @@
 #include <thread>
 #include <utility>
 #include <vector>
+
+#include "kernels.h"  // update_parts
 
 namespace jambalab {
 
@@ -128,6 +131,18 @@ void split_outputs(int64_t N, int64_t bytes, int64_t row_bytes, int threads, con
   const int64_t task = std::clamp<int64_t>(bytes / (8 * threads), kTaskBytes, kMaxTaskBytes);
   const int64_t rows = std::max<int64_t>(4, task / row_bytes), tasks = (N + rows - 1) / rows;
   StepPool::get().run(tasks, threads, [&](int64_t t) { body(t * rows, std::min(N, (t + 1) * rows)); });
+}
+
+// body(part, parts) over the parts update_parts() splits rows of the state updates into (as their ops
+// split them: the epilogue's vector/scalar split depends on it), on the pool when there are several.
+template <typename F>
+void run_parts(int64_t work_per_row, int64_t rows, int threads, const F& body) {
+  const int p = update_parts(rows, work_per_row);
+  if (p == 1) {
+    body(0, 1);
+  } else {
+    StepPool::get().run(p, threads, [&](int64_t i) { body(static_cast<int>(i), p); });
+  }
 }
 
 // The calling thread's ATen thread counts: OpenMP's (what at::get_num_threads() returns on it, hence how
