@@ -111,6 +111,25 @@ def test_side_by_side_table_gives_ratios_and_bandwidth_shares():
     assert "greedy tokens equal for 32 of 32" in text
 
 
+def test_rounds_also_give_the_ratio_of_their_medians():
+    """A best of 3 rewards the engine that met the VM's fastest moment; the medians' ratio is printed too."""
+    fig = best_of
+    res = {"plan": {"precisions": ["bf16"], "prompt": 512, "gen": 64, "repeat": 3, "threads": 2},
+           "machine": {"cpu": "x", "cpus": 2, "threads": 2, "read_gbs": 20.0},
+           "models": {"A": {"name": "a", "path": "p", "params": 1_160_000_000}},
+           "jambalab": {"A": {"bf16": {"prefill": fig([300.0, 200.0, 240.0]), "decode": fig([16.0, 15.0, 16.5]),
+                                       "bytes_per_token": 2e9}}},
+           "llama_cpp": {"A": {"BF16": {"prefill": fig([150.0, 100.0, 120.0]), "decode": fig([22.0, 15.0, 16.0]),
+                                        "bytes_per_token": 2e9}}},
+           "parity": {}, "notes": []}
+    text = peers.table(res)
+    assert "16.5 / 22.0 (0.75x)" in text  # best of 3
+    assert "ratio of the medians of the 3 rounds" in text
+    assert "| bf16 / BF16 | 2.00x     | 1.00x    |" in text  # 240 / 120, 16.0 / 16.0
+    res["plan"]["repeat"] = 1
+    assert "medians" not in peers.table(res)
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--llama-bench", "/bin/true"], "give both"),
     (["--llama-bench", "/nonexistent/llama-bench", "--llama-cpp-dir", "/tmp"], "not an executable"),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -413,6 +414,10 @@ def _best(m: dict | None, what: str) -> float | None:
     return m[what]["best"] if m and isinstance(m.get(what), dict) else None
 
 
+def _median(m: dict | None, what: str) -> float | None:
+    return statistics.median(m[what]["samples"]) if m and isinstance(m.get(what), dict) else None
+
+
 def _cell(ours: float | None, theirs: float | None, with_llama: bool) -> str:
     if not with_llama:
         return _fmt(ours)
@@ -466,10 +471,31 @@ def table(results: dict) -> str:
         bound.append(brow)
     text = [f"tokens/s, best of {plan['repeat']}, {plan['threads']} threads"
             + (" (ratio = jambalab / llama.cpp)" if with_llama else ""), *_grid(head, speed), ""]
+    if with_llama and plan["repeat"] >= 3:
+        text += [f"ratio of the medians of the {plan['repeat']} rounds, jambalab / llama.cpp (less swayed than "
+                 "a best of N by one fast moment of the machine)",
+                 *_grid(_ratio_head(keys), _median_rows(results, keys)), ""]
     text += [f"decode as % of the bandwidth bound (weight bytes per token x tokens/s / {_fmt(bw)} GB/s read)",
              *_grid(["precision", *[f"{k} decode: {who}" for k in keys]], bound), ""]
     text += _footer(results)
     return "\n".join(text)
+
+
+def _ratio_head(keys: list[str]) -> list[str]:
+    return ["precision", *[f"{k} {what}" for k in keys for what in ("prefill", "decode")]]
+
+
+def _median_rows(results: dict, keys: list[str]) -> list[list[str]]:
+    rows = []
+    for p, g in _pairs(results):
+        row = [f"{p} / {g}"]
+        for k in keys:
+            ours, theirs = results["jambalab"][k].get(p), results["llama_cpp"].get(k, {}).get(g)
+            for what in ("prefill", "decode"):
+                a, b = _median(ours, what), _median(theirs, what)
+                row.append(f"{a / b:.2f}x" if a and b else "n/a")
+        rows.append(row)
+    return rows
 
 
 def _footer(results: dict) -> list[str]:
