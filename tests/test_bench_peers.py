@@ -111,8 +111,9 @@ def test_side_by_side_table_gives_ratios_and_bandwidth_shares():
     assert "greedy tokens equal for 32 of 32" in text
 
 
-def test_rounds_also_give_the_ratio_of_their_medians():
-    """A best of 3 rewards the engine that met the VM's fastest moment; the medians' ratio is printed too."""
+def test_rounds_also_give_the_ratio_of_their_medians(tmp_path):
+    """A best of 3 rewards the engine that met the VM's fastest moment; the medians' ratio is printed too,
+    and the plot draws each median with its rounds' min-max."""
     fig = best_of
     res = {"plan": {"precisions": ["bf16"], "prompt": 512, "gen": 64, "repeat": 3, "threads": 2},
            "machine": {"cpu": "x", "cpus": 2, "threads": 2, "read_gbs": 20.0},
@@ -126,6 +127,9 @@ def test_rounds_also_give_the_ratio_of_their_medians():
     assert "16.5 / 22.0 (0.75x)" in text  # best of 3
     assert "ratio of the medians of the 3 rounds" in text
     assert "| bf16 / BF16 | 2.00x     | 1.00x    |" in text  # 240 / 120, 16.0 / 16.0
+    assert peers._whiskers([res["jambalab"]["A"]["bf16"], None], "decode") == ([16.0, 0.0], [1.0, 0.0], [0.5, 0.0])
+    peers.plot(res, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 10_000
     res["plan"]["repeat"] = 1
     assert "medians" not in peers.table(res)
 

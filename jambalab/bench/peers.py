@@ -528,6 +528,17 @@ def _footer(results: dict) -> list[str]:
     return out
 
 
+def _whiskers(figs: list[dict | None], what: str) -> tuple[list[float], list[float], list[float]]:
+    """Per figure: the median of its rounds, and how far below and above it the slowest and fastest went
+    (0 for a figure that was not measured)."""
+    mid, lo, hi = [], [], []
+    for m in figs:
+        samples = m[what]["samples"] if m and isinstance(m.get(what), dict) else [0.0]
+        med = statistics.median(samples)
+        mid.append(med), lo.append(med - min(samples)), hi.append(max(samples) - med)
+    return mid, lo, hi
+
+
 def plot(results: dict, path: str | Path) -> None:
     import matplotlib
 
@@ -541,17 +552,21 @@ def plot(results: dict, path: str | Path) -> None:
     for row, k in enumerate(keys):
         for col, what in enumerate(("prefill", "decode")):
             ax = axes[row][col]
-            ours = [_best(results["jambalab"][k].get(p), what) or 0 for p, _ in pairs]
-            ax.bar([i - 0.2 for i in x], ours, 0.4, label="jambalab", color="tab:blue")
+            engines = [("jambalab", [results["jambalab"][k].get(p) for p, _ in pairs], -0.2, "tab:blue")]
             if results["llama_cpp"]:
-                theirs = [_best(results["llama_cpp"].get(k, {}).get(g), what) or 0 for _, g in pairs]
-                ax.bar([i + 0.2 for i in x], theirs, 0.4, label="llama.cpp", color="tab:orange")
+                engines.append(("llama.cpp", [results["llama_cpp"].get(k, {}).get(g) for _, g in pairs], 0.2,
+                                "tab:orange"))
+            for name, figs, dx, color in engines:
+                mid, lo, hi = _whiskers(figs, what)
+                ax.bar([i + dx for i in x], mid, 0.4, yerr=[lo, hi], capsize=2, label=name, color=color,
+                       error_kw={"elinewidth": 0.8})
             ax.set_xticks(list(x), labels, fontsize=8)
-            ax.set_ylabel("tokens/s")
+            ax.set_ylabel("tokens/s (median, min-max)")
             ax.set_title(f"{k} ({results['models'][k]['name']}): {what}", fontsize=10)
             ax.legend(fontsize=8)
     m = results["machine"]
-    fig.suptitle(f"jambalab vs llama.cpp: {m['cpu']}, {m['threads']} threads each", fontsize=10)
+    fig.suptitle(f"jambalab vs llama.cpp: {m['cpu']}, {m['threads']} threads each, "
+                 f"{results['plan']['repeat']} interleaved rounds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
