@@ -11,7 +11,7 @@ layer path's gemv op), or int8 /
 4-bit (quant.QuantLinear, quant.QuantMoE; `from_pretrained(..., quantize="int8" | "int4")`) in the
 int8-activation mode, where they multiply as the layer path's wgemv_a8 does. A bf16 model (bf16
 activations, conv states and K/V caches) runs csrc/step_bf16.cpp instead, on a CPU with AVX512-BF16,
-for 1-4 rows, MoE top-k <= 2, and a float32 residual only without FFN layers. Anything else (the float
+for 1-16 rows, MoE top-k <= 2, and a float32 residual only without FFN layers. Anything else (the float
 activation mode over quantized weights, swapped modules, a padded prompt, grad mode, more rows)
 returns None here and the model decodes layer by layer, which is the twin: the logits of both paths
 are bitwise equal (tests/test_decode_step.py).
@@ -31,14 +31,14 @@ import torch
 import torch.nn as nn
 
 from jambalab import ops
-from jambalab.ops.lowp import DECODE_ROWS
+from jambalab.ops.lowp import GEMV_ROWS_BF16
 from jambalab.ops.quant_ref import activations
 
 _SLOTS_MIXER = 14  # csrc/step.cpp: per layer norm1, norm2, 14 mixer slots, 4 FFN slots
 _SLOTS_FFN = 4
 _EMPTY = torch.empty(0)  # an absent weight or bias
 _MAX_ROWS = 16  # kMaxRows in csrc/step.cpp
-_MAX_ROWS_BF16 = DECODE_ROWS  # kMaxRows in csrc/step_bf16.cpp: the rows of one wgemv call
+_MAX_ROWS_BF16 = GEMV_ROWS_BF16  # kMaxRows in csrc/step_bf16.cpp: the rows of one wgemv call
 _MAX_GROUP = 64  # query heads per KV head (kMaxGroup in csrc/attention.cpp)
 
 _registrations = [0]  # bumped by the hooks below: any module or parameter registered, in any model

@@ -47,6 +47,26 @@ def test_wgemv_matches_its_twin(fmt, N, K, group, rows, x_dtype):
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("rows", [5, 8, 13, 16])
+def test_bf16_model_wgemv_takes_16_rows_each_as_if_alone(rows):
+    """bf16 x over a bf16 weight (a bf16 model) with AVX512-BF16: up to 16 rows in one call, each weight
+    row serving them in groups of 4; a row's result is bitwise its result alone, and dense_linear sends
+    decode-sized calls there."""
+    kernels = cpu.kernels()
+    if not kernels.has_bf16dot():
+        pytest.skip("no AVX512-BF16")
+    torch.manual_seed(rows)
+    w = (torch.randn(300, 1000) * 0.05).bfloat16()
+    x, bias = torch.randn(rows, 1000).bfloat16(), torch.randn(300)
+    got = kernels.wgemv(x, w, None, 0, bias)
+    torch.testing.assert_close(got.float(), wgemv_ref(x, w, None, 0, bias).float(), rtol=1e-2, atol=1e-2)
+    for r in range(rows):
+        assert torch.equal(got[r:r + 1], kernels.wgemv(x[r:r + 1], w, None, 0, bias))
+    assert torch.equal(lowp.dense_linear(x, w, bias), got)
+    with pytest.raises(RuntimeError, match="1 to 16 rows"):
+        kernels.wgemv(torch.randn(17, 1000).bfloat16(), w, None, 0, None)
+
+
 @pytest.mark.parametrize("N,K", [(37, 100), (300, 1024), (64, 8), (20, 160), (5, 4096)])  # tails: K % 32 != 0
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 16])
 def test_gemv_over_bf16_weights_matches_its_twin_and_each_row_is_as_if_alone(N, K, rows):
@@ -261,7 +281,7 @@ def test_bf16_prefill_takes_fp32_tiles_without_a_native_bf16_gemm(native, monkey
     monkeypatch.setattr(lowp, "native_bf16", lambda: native)
     monkeypatch.setattr(lowp, "_TILE_BYTES", 4096)
     w = (torch.randn(50, 128) * 0.05).bfloat16()
-    x = torch.randn(9, 128).bfloat16()
+    x = torch.randn(lowp.GEMV_ROWS_BF16 + 3, 128).bfloat16()  # above the decode GEMV's rows
     got = lowp.dense_linear(x, w)
     want = F.linear(x.float(), w.float()).bfloat16()
     assert got.dtype == torch.bfloat16

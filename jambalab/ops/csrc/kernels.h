@@ -51,8 +51,10 @@ class Bf16Rows {
   std::vector<uint16_t> x_;  // the prepared x (bf16 bits, or fp32 in the layout of the kernel without AVX512-BF16)
 };
 // qgemv.cpp: wgemv over bf16 x and a bf16 weight (a bf16 model), outputs [lo, hi) of the fp32 sums
-// y (R, N) (wgemv then rounds them to bf16), R <= 4, exactly as wgemv computes them; only where the CPU
-// has AVX512-BF16 (bf16dot_available()), elsewhere wgemv widens x and the weights instead.
+// y (R, N) (wgemv then rounds them to bf16), R <= kBf16DotRows, exactly as wgemv computes them (a row's
+// sum does not depend on R); only where the CPU has AVX512-BF16 (bf16dot_available()), elsewhere wgemv
+// widens x and the weights instead.
+constexpr int kBf16DotRows = 16;
 bool bf16dot_available();
 void bf16dot_outputs(const uint16_t* x, int64_t R, const uint16_t* w, const float* bias, float* y, int64_t K,
                      int64_t N, int64_t lo, int64_t hi);

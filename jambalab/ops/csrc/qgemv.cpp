@@ -35,6 +35,7 @@
 #include <immintrin.h>
 #endif
 
+#include "kernels.h"  // kBf16DotRows, bf16dot_outputs
 #include "simd.h"  // kVecBytes, W, vf, load, hsum
 
 namespace {
@@ -249,17 +250,6 @@ void bf16dot_output(const uint16_t* x, const uint16_t* row, const float* bias, f
   }
 }
 
-template <int R>
-void bf16dot_rows(const at::Tensor& x, const at::Tensor& w, const float* bias, float* y) {
-  const int64_t K = x.size(1), N = w.size(0);
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
-  const int64_t grain = std::max<int64_t>(4, 65536 / std::max<int64_t>(1, 2 * K));
-  at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t o = lo; o < hi; ++o) bf16dot_output<R>(xp, wp + o * K, bias, y, K, N, o);
-  });
-}
-
 constexpr bool kBf16Dot = true;
 #else
 constexpr bool kBf16Dot = false;
@@ -274,12 +264,18 @@ bool bf16dot_available() { return kBf16Dot; }
 void bf16dot_outputs(const uint16_t* x, int64_t R, const uint16_t* w, const float* bias, float* y, int64_t K,
                      int64_t N, int64_t lo, int64_t hi) {
 #if defined(__AVX512BF16__)
+  // Each output's weight row serves the rows in groups of kMaxRows, while it is still in L1 / L2: the
+  // weights come from memory once for any R.
   for (int64_t o = lo; o < hi; ++o) {
-    switch (R) {
-      case 1: bf16dot_output<1>(x, w + o * K, bias, y, K, N, o); break;
-      case 2: bf16dot_output<2>(x, w + o * K, bias, y, K, N, o); break;
-      case 3: bf16dot_output<3>(x, w + o * K, bias, y, K, N, o); break;
-      default: bf16dot_output<4>(x, w + o * K, bias, y, K, N, o); break;
+    for (int64_t g = 0; g < R; g += kMaxRows) {
+      const uint16_t* xg = x + g * K;
+      float* yg = y + g * N;
+      switch (std::min<int64_t>(kMaxRows, R - g)) {
+        case 1: bf16dot_output<1>(xg, w + o * K, bias, yg, K, N, o); break;
+        case 2: bf16dot_output<2>(xg, w + o * K, bias, yg, K, N, o); break;
+        case 3: bf16dot_output<3>(xg, w + o * K, bias, yg, K, N, o); break;
+        default: bf16dot_output<4>(xg, w + o * K, bias, yg, K, N, o); break;
+      }
     }
   }
 #else
@@ -349,22 +345,21 @@ at::Tensor wgemv(const at::Tensor& x, const at::Tensor& weight, const std::optio
               "wgemv: x must be contiguous fp32 or bf16 (R, K), got ", x.sizes(), " ", x.scalar_type());
   const int64_t R = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(in_features(weight, f) == K, "wgemv: x ", x.sizes(), " and weight ", weight.sizes(), " disagree on K");
-  TORCH_CHECK(R >= 1 && R <= kMaxRows, "wgemv: 1 to ", kMaxRows, " rows, got ", R);
+  const bool bf16dot = kBf16Dot && f == Fmt::BF16 && x.scalar_type() == at::kBFloat16;
+  const int max_rows = bf16dot ? kBf16DotRows : kMaxRows;
+  TORCH_CHECK(R >= 1 && R <= max_rows, "wgemv: 1 to ", max_rows, " rows, got ", R);
   if (bias) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
                 "wgemv: bias must be contiguous float32 (N,)");
   }
-  if (kBf16Dot && f == Fmt::BF16 && x.scalar_type() == at::kBFloat16) {
+  if (bf16dot) {
     at::Tensor y = at::empty({R, N}, x.options().dtype(at::kFloat));
     const float* b = bias ? bias->data_ptr<float>() : nullptr;
-#if defined(__AVX512BF16__)
-    switch (R) {
-      case 1: bf16dot_rows<1>(x, weight, b, y.data_ptr<float>()); break;
-      case 2: bf16dot_rows<2>(x, weight, b, y.data_ptr<float>()); break;
-      case 3: bf16dot_rows<3>(x, weight, b, y.data_ptr<float>()); break;
-      default: bf16dot_rows<4>(x, weight, b, y.data_ptr<float>()); break;
-    }
-#endif
+    const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+    const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<c10::BFloat16>());
+    float* yp = y.data_ptr<float>();
+    const int64_t grain = std::max<int64_t>(4, 65536 / std::max<int64_t>(1, 2 * K));
+    at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) { bf16dot_outputs(xp, R, wp, b, yp, K, N, lo, hi); });
     return y.to(at::kBFloat16);
   }
   const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);

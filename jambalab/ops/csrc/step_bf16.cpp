@@ -1,10 +1,10 @@
 // A bf16 model's whole decode step in one call (step.cpp's decode_step hands it a model whose embedding
-// is bf16): bf16 weights, activations and conv states, the SSM state float32, 1 to 4 rows, where the CPU
+// is bf16): bf16 weights, activations and conv states, the SSM state float32, 1 to 16 rows, where the CPU
 // has AVX512-BF16. Its twin is the layer-by-layer path of jambalab/model.py for the same bf16 model, and
 // the logits are bitwise those (tests/test_decode_step.py): every value is rounded to bf16 where that
 // path rounds it, and each piece runs what that path runs on the same rows:
 // - GEMVs: wgemv's bf16 x bf16 kernel (bf16dot_outputs, the fp32 sums then rounded to bf16; a bias in
-//   fp32 before the rounding), on the same row blocks (R <= 4; an MoE expert on the rows routed to it);
+//   fp32 before the rounding), on the same rows (R <= 16; an MoE expert on the rows routed to it);
 // - norms: the rms_norm op's rows (rms_norm_rows_bf16; float32 x with a bf16 weight for a float32
 //   residual's final norm);
 // - conv and SSM updates: the ops' parts over bf16 activations, on the same split;
@@ -190,7 +190,7 @@ struct Bf16Step {
   }
 };
 
-constexpr int kGlobal = 3, kSlots = 20, kMixer = 2, kFfn = 16, kMeta = 4, kLayerMeta = 4, kMaxRows = 4;
+constexpr int kGlobal = 3, kSlots = 20, kMixer = 2, kFfn = 16, kMeta = 4, kLayerMeta = 4, kMaxRows = jambalab::kBf16DotRows;
 
 }  // namespace
 
