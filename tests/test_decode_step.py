@@ -186,13 +186,16 @@ def _filled_slots(model, rows: list[int], n_slots: int = 16):
     return slots
 
 
-@pytest.mark.parametrize("scheme", [None, "int4", "bf16"])
+@pytest.mark.parametrize("scheme", [None, "int4", "bf16", "bf16 model"])
 def test_sixteen_rows_each_as_if_alone(scheme, monkeypatch):
     """16 ragged rows in one step call (an MoE expert runs once on all its rows, a quantized one in
-    blocks of 4 rows): each row's logits and states are bitwise those of the same row stepped alone."""
-    needs_kernels()
+    blocks of 4 rows, a bf16 model's in groups of 4): each row's logits and states are bitwise those of
+    the same row stepped alone."""
+    needs_bf16dot() if scheme == "bf16 model" else needs_kernels()
     model = jambalab.from_preset("tiny-hybrid", seed=0).eval()
-    if scheme:
+    if scheme == "bf16 model":
+        model = model.to(torch.bfloat16)
+    elif scheme:
         quantize_model(model, scheme)
     rows = list(range(16))
     ids = torch.randint(3, 512, (16, 1), generator=torch.Generator().manual_seed(6))

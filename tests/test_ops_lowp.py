@@ -56,15 +56,17 @@ def test_bf16_model_wgemv_takes_16_rows_each_as_if_alone(rows):
     if not kernels.has_bf16dot():
         pytest.skip("no AVX512-BF16")
     torch.manual_seed(rows)
-    w = (torch.randn(300, 1000) * 0.05).bfloat16()
-    x, bias = torch.randn(rows, 1000).bfloat16(), torch.randn(300)
+    w = (torch.randn(2000, 4100) * 0.05).bfloat16()  # K: a masked tail; N: enough sums to show an order change
+    x, bias = torch.randn(rows, 4100).bfloat16(), torch.randn(2000)
     got = kernels.wgemv(x, w, None, 0, bias)
     torch.testing.assert_close(got.float(), wgemv_ref(x, w, None, 0, bias).float(), rtol=1e-2, atol=1e-2)
     for r in range(rows):
         assert torch.equal(got[r:r + 1], kernels.wgemv(x[r:r + 1], w, None, 0, bias))
+    for size in (2, 3, 4):  # every group size the kernel has
+        assert torch.equal(torch.cat([kernels.wgemv(b, w, None, 0, bias) for b in x.split(size)]), got)
     assert torch.equal(lowp.dense_linear(x, w, bias), got)
     with pytest.raises(RuntimeError, match="1 to 16 rows"):
-        kernels.wgemv(torch.randn(17, 1000).bfloat16(), w, None, 0, None)
+        kernels.wgemv(torch.randn(17, 4100).bfloat16(), w, None, 0, None)
 
 
 @pytest.mark.parametrize("N,K", [(37, 100), (300, 1024), (64, 8), (20, 160), (5, 4096)])  # tails: K % 32 != 0

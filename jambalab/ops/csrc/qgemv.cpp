@@ -222,7 +222,9 @@ constexpr int kPair = 32;  // bf16 values a vdpbf16ps reads from each operand
 // the next row): weights loaded memory-mapped sit on 4 KiB pages, where the hardware prefetcher stops at
 // every page boundary.
 
-template <int R, int C = kChains<R>>
+// Four chains of sums per row whatever R: a row's result is bitwise the same in any batch (and 4 x 4
+// accumulators still fit the 32 registers).
+template <int R, int C = 4>
 void bf16dot_output(const uint16_t* x, const uint16_t* row, const float* bias, float* y, int64_t K, int64_t N,
                     int64_t o) {
   __m512 acc[R][C];
