@@ -229,5 +229,4 @@ def _has_bf16dot() -> bool:
     """Whether the kernels multiply bf16 by bf16 in hardware (AVX512-BF16), as the layer path's wgemv."""
     from jambalab.ops import cpu
 
-    kernels = cpu.kernels()
-    return kernels is not None and bool(kernels.has_bf16dot())
+    return cpu.has_bf16dot()

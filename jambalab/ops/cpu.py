@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 _LIB = "jambalab_kernels"  # the TORCH_LIBRARY namespace in the sources
 
-_state: dict[str, Any] = {"tried": False, "ops": None, "error": None}
+_state: dict[str, Any] = {"tried": False, "ops": None, "error": None, "bf16dot": False}
 _lock = threading.Lock()  # a second thread's first call waits for the build instead of skipping it
 
 
@@ -60,10 +60,18 @@ def kernels() -> Any | None:
     return _state["ops"]
 
 
+def has_bf16dot() -> bool:
+    """Whether the kernels multiply bf16 x by bf16 weights in hardware (built with AVX512-BF16, on a CPU
+    that has it). A plain bool read once at load, so torch.compile folds it (the op itself returns a
+    non-tensor, which dynamo cannot trace)."""
+    return kernels() is not None and bool(_state.get("bf16dot"))
+
+
 @torch.compiler.disable  # the build is file and subprocess work: never traced, even on a first call under compile
 def _try_load() -> None:
     try:
         _state["ops"] = load_extension()
+        _state["bf16dot"] = bool(_state["ops"].has_bf16dot())
         _register_fakes()
     except KernelBuildError as err:
         _state["error"] = err

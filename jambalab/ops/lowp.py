@@ -84,12 +84,6 @@ def _decode_kernels(x: Tensor, *ts: Tensor | None, max_rows: int = DECODE_ROWS):
     return cpu.kernels()
 
 
-def _bf16dot() -> bool:
-    """Whether the kernels multiply bf16 x by bf16 weights in hardware (AVX512-BF16)."""
-    kernels = cpu.kernels()
-    return kernels is not None and bool(kernels.has_bf16dot())
-
-
 def _bias32(bias: Tensor | None) -> Tensor | None:
     return None if bias is None else bias.float().contiguous()
 
@@ -105,7 +99,7 @@ def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if x.dtype == torch.float32 and weight.dtype == torch.bfloat16 and not needs_grad:
         return _bf16_weight_linear(x, weight, bias)
-    rows = GEMV_ROWS_BF16 if x.dtype == weight.dtype == torch.bfloat16 and _bf16dot() else DECODE_ROWS
+    rows = GEMV_ROWS_BF16 if x.dtype == weight.dtype == torch.bfloat16 and cpu.has_bf16dot() else DECODE_ROWS
     ops = None if needs_grad or not weight.is_contiguous() else _decode_kernels(x, weight, bias, max_rows=rows)
     if ops is not None:
         y = ops.wgemv(x.reshape(-1, x.shape[-1]).contiguous(), weight, None, 0, _bias32(bias))  # (M, N)
