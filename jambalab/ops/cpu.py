@@ -64,7 +64,7 @@ def has_bf16dot() -> bool:
     """Whether the kernels multiply bf16 x by bf16 weights in hardware (built with AVX512-BF16, on a CPU
     that has it). A plain bool read once at load, so torch.compile folds it (the op itself returns a
     non-tensor, which dynamo cannot trace)."""
-    return kernels() is not None and bool(_state.get("bf16dot"))
+    return kernels() is not None and _state["bf16dot"]
 
 
 @torch.compiler.disable  # the build is file and subprocess work: never traced, even on a first call under compile

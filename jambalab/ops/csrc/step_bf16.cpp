@@ -229,9 +229,7 @@ at::Tensor decode_step_bf16(const at::Tensor& ids, at::TensorList weights, at::T
     si += n;
   }
   const at::Tensor &embed = weights[0], &lm_head = weights[2];
-  const int64_t d = embed.size(1), V = lm_head.size(0);
-  const int64_t H = meta[0], Hk = meta[1], hd = meta[2];
-  const float norm_eps = static_cast<float>(eps[0]), inner_eps = static_cast<float>(eps[1]);
+  const auto [d, V, H, Hk, hd, norm_eps, inner_eps] = jambalab::StepDims(weights, meta, eps);
 
   Bf16Step step;
   step.R = R;

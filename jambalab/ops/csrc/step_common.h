@@ -163,6 +163,22 @@ inline std::pair<int, int> set_aten_threads(int omp, int mkl_local) {
 // While it lives, the ATen ops this thread calls run on it alone: run on two threads, each one woke
 // torch's OpenMP workers, which then spun for milliseconds beside StepPool's (step_bf16.cpp: torch's
 // flash attention kernel, B bf16 decoding at 42-47 tokens/s against ~60; sampling between steps).
+// The model's dimensions as both steps' arguments give them: weights[0] the embedding (vocab, d),
+// weights[2] the lm_head (V, d); meta[0..2] heads, KV heads, head_dim; eps[0] the model's norm eps,
+// eps[1] the Mamba inner norms'.
+struct StepDims {
+  int64_t d, V, H, Hk, hd;
+  float norm_eps, inner_eps;
+  StepDims(at::TensorList weights, at::IntArrayRef meta, at::ArrayRef<double> eps)
+      : d(weights[0].size(1)),
+        V(weights[2].size(0)),
+        H(meta[0]),
+        Hk(meta[1]),
+        hd(meta[2]),
+        norm_eps(static_cast<float>(eps[0])),
+        inner_eps(static_cast<float>(eps[1])) {}
+};
+
 struct SerialAten {
   std::pair<int, int> saved = set_aten_threads(1, 1);
   ~SerialAten() { set_aten_threads(saved.first, saved.second); }
