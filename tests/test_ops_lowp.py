@@ -69,6 +69,24 @@ def test_bf16_model_wgemv_takes_16_rows_each_as_if_alone(rows):
         kernels.wgemv(torch.randn(17, 4100).bfloat16(), w, None, 0, None)
 
 
+@pytest.mark.parametrize("rows", [2, 3, 4])
+@pytest.mark.parametrize("K", [2176, 4100, 8300])
+def test_bf16_model_wgemv_in_blocks_of_k_is_bitwise_one_pass(rows, K):
+    """2-4 bf16 rows whose x exceeds L1 walk the weights in blocks of K (qgemv.cpp), the chains carried
+    between blocks: each row's sums are bitwise those of the row alone (one pass over each weight row),
+    with a masked tail and a last block of outputs shorter than the others."""
+    kernels = cpu.kernels()
+    if not kernels.has_bf16dot():
+        pytest.skip("no AVX512-BF16")
+    torch.manual_seed(K + rows)
+    w = (torch.randn(150, K) * 0.05).bfloat16()
+    x, bias = torch.randn(rows, K).bfloat16(), torch.randn(150)
+    got = kernels.wgemv(x, w, None, 0, bias)
+    torch.testing.assert_close(got.float(), wgemv_ref(x, w, None, 0, bias).float(), rtol=1e-2, atol=1e-2)
+    for r in range(rows):
+        assert torch.equal(got[r:r + 1], kernels.wgemv(x[r:r + 1], w, None, 0, bias))
+
+
 @pytest.mark.parametrize("N,K", [(37, 100), (300, 1024), (64, 8), (20, 160), (5, 4096)])  # tails: K % 32 != 0
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 16])
 def test_gemv_over_bf16_weights_matches_its_twin_and_each_row_is_as_if_alone(N, K, rows):

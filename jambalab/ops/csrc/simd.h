@@ -81,6 +81,10 @@ constexpr int64_t kWeightAhead = 6144;
 ALWAYS_INLINE void prefetch_weights(const void* p) {
   __builtin_prefetch(static_cast<const char*>(p) + kWeightAhead, 0, 2);
 }
+// The same, `ahead` bytes past p (a stream that is not read in address order).
+ALWAYS_INLINE void prefetch_weights_at(const void* p, int64_t ahead) {
+  __builtin_prefetch(static_cast<const char*>(p) + ahead, 0, 2);
+}
 
 // 2^u, branch-free so that GCC vectorises the loops calling it (std::exp stays a scalar
 // libm call without -ffast-math, and was most of the conv kernel's time): u = n + r with n an
