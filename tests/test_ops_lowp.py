@@ -87,8 +87,9 @@ def test_bf16_model_wgemv_in_blocks_of_k_is_bitwise_one_pass(rows, K):
         assert torch.equal(got[r:r + 1], kernels.wgemv(x[r:r + 1], w, None, 0, bias))
 
 
-@pytest.mark.parametrize("N,K", [(37, 100), (300, 1024), (64, 8), (20, 160), (5, 4096)])  # tails: K % 32 != 0
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 16])
+# tails: K % 32 != 0; (150, 8300): several rows over an x that does not fit in L1
+@pytest.mark.parametrize("N,K", [(37, 100), (300, 1024), (64, 8), (20, 160), (5, 4096), (150, 8300)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
 def test_gemv_over_bf16_weights_matches_its_twin_and_each_row_is_as_if_alone(N, K, rows):
     """Weight-only bf16 (gemv.cpp): x rounded to bf16, exact products, fp32 sums; a row's result is
     bitwise the same whatever the batch around it."""
