@@ -220,9 +220,10 @@ void one_output(const Args& a, int64_t o) {
 constexpr int kPair = 32;  // bf16 values a vdpbf16ps reads from each operand
 constexpr int64_t kBf16DotXBytes = 16 << 10;  // x's rows of a K block: half of L1, beside the weight stream
 constexpr int64_t kBf16DotOutBlock = 64;      // outputs walked together block by block of K
-// The weight stream is prefetched ahead (simd.h's prefetch_weights; rows are contiguous, so it runs on into
-// the next row): weights loaded memory-mapped sit on 4 KiB pages, where the hardware prefetcher stops at
-// every page boundary.
+// The weight stream is prefetched ahead (simd.h): in one pass over the rows kWeightAhead bytes on (rows are
+// contiguous, so it runs on into the next row), in blocks of K one row on (the next output's same block,
+// which is read next). Weights loaded memory-mapped sit on 4 KiB pages, where the hardware prefetcher
+// stops at every page boundary.
 
 // Four chains of sums per row whatever R: a row's result is bitwise the same in any batch (and 4 x 4
 // accumulators still fit the 32 registers). One call runs k in [kb, ke) of one weight row, a multiple of
