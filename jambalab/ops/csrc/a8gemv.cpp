@@ -201,17 +201,32 @@ struct StepScales {
 // The int32 sums of step s for row r (16 lanes). int8: |w| times q with w's sign (vpdpbusd takes
 // unsigned x signed bytes); 4-bit: the nibbles u times q, both registers into one accumulator that
 // starts at the offset -8 * sum q.
+// Where row r's x of step s lies (QuantX's step layout), the strides compile-time constants: the
+// addressing is most of a step's scalar work once several rows share each weight load.
 template <bool Int4>
-ALWAYS_INLINE __m512i step_sums(const QuantX& x, const uint8_t* row, int64_t r, int64_t s) {
-  const int64_t n = std::min<int64_t>(x.step.weights, x.K - s * x.step.weights);  // weights present
-  const int8_t* q = x.qs.data() + (r * x.steps + s) * x.step.weights;
+struct XRows {
+  static constexpr int64_t kWeights = Int4 ? 128 : 64;  // step_of's weights a step
+  const int8_t* qs;
+  const float* dv;
+  const int32_t* off;
+  int64_t steps, full;  // steps a row; steps with every weight present (K / kWeights)
+  explicit XRows(const QuantX& x)
+      : qs(x.qs.data()), dv(x.dv.data()), off(Int4 ? x.off.data() : nullptr), steps(x.steps), full(x.K / kWeights) {}
+  const int8_t* q(int64_t r, int64_t s) const { return qs + (r * steps + s) * kWeights; }
+  const float* d(int64_t r, int64_t s) const { return dv + (r * steps + s) * kLanes; }
+  const int32_t* o(int64_t r, int64_t s) const { return off + (r * steps + s) * kLanes; }
+};
+
+template <bool Int4>
+ALWAYS_INLINE __m512i step_sums(const QuantX& x, const XRows<Int4>& xr, const uint8_t* row, int64_t r, int64_t s) {
+  const int64_t n = s < xr.full ? XRows<Int4>::kWeights : x.K - s * XRows<Int4>::kWeights;  // weights present
+  const int8_t* q = xr.q(r, s);
   if constexpr (Int4) {
     const uint8_t* p = row + s * 64;
     const __m512i v = n == 128 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8((__mmask64(1) << (n / 2)) - 1, p);
     const __m512i nib = _mm512_set1_epi8(0x0F);
     const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-    const __m512i acc = _mm512_dpbusd_epi32(_mm512_loadu_si512(x.off.data() + (r * x.steps + s) * kLanes), lo,
-                                            _mm512_loadu_si512(q));
+    const __m512i acc = _mm512_dpbusd_epi32(_mm512_loadu_si512(xr.o(r, s)), lo, _mm512_loadu_si512(q));
     return _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(q + 64));
   } else {
     const uint8_t* p = row + s * 64;
@@ -224,10 +239,11 @@ ALWAYS_INLINE __m512i step_sums(const QuantX& x, const uint8_t* row, int64_t r, 
 
 // acc[r] += (step s's sums, as floats) * (the lanes' block scales of x) [* the group scales gs].
 template <int R, bool Int4, bool Scaled>
-ALWAYS_INLINE void step_acc(const QuantX& x, const uint8_t* row, int64_t s, __m512 gs, __m512 (&acc)[R]) {
+ALWAYS_INLINE void step_acc(const QuantX& x, const XRows<Int4>& xr, const uint8_t* row, int64_t s, __m512 gs,
+                            __m512 (&acc)[R]) {
   for (int r = 0; r < R; ++r) {
-    const __m512i isum = step_sums<Int4>(x, row, r, s);
-    __m512 d = _mm512_loadu_ps(x.dv.data() + (r * x.steps + s) * kLanes);
+    const __m512i isum = step_sums<Int4>(x, xr, row, r, s);
+    __m512 d = _mm512_loadu_ps(xr.d(r, s));
     if constexpr (Scaled) d = _mm512_mul_ps(d, gs);
     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, acc[r]);
   }
@@ -239,9 +255,10 @@ template <int R, bool Int4>
 void sums_by_step(const Args& a, const uint8_t* row, int64_t o, __m512 (&acc)[R]) {
   const QuantX& x = *a.x;
   StepScales<Int4 ? 4 : 2> scales(a.scales + o * (a.K / a.G), a.G, a.K);
+  const XRows<Int4> xr(x);
   for (int64_t s = 0; s < x.steps; ++s) {
     prefetch_weights(row + s * 64);  // a step reads 64 bytes of the row
-    step_acc<R, Int4, true>(x, row, s, scales.next(), acc);
+    step_acc<R, Int4, true>(x, xr, row, s, scales.next(), acc);
   }
 }
 
@@ -253,6 +270,7 @@ void sums_by_group(const Args& a, const uint8_t* row, int64_t o, __m512 (&acc)[R
   const QuantX& x = *a.x;
   const int64_t per_group = a.G / x.step.weights, ng = a.K / a.G;
   const c10::Half* sc = a.scales + o * ng;
+  const XRows<Int4> xr(x);
   for (int64_t g = 0; g < ng; ++g) {
     __m512 part[C][R];
     for (int i = 0; i < C; ++i)
@@ -262,12 +280,12 @@ void sums_by_group(const Args& a, const uint8_t* row, int64_t o, __m512 (&acc)[R
     for (; s + C <= end; s += C) {
       for (int i = 0; i < C; ++i) {
         prefetch_weights(row + (s + i) * 64);
-        step_acc<R, Int4, false>(x, row, s + i, __m512{}, part[i]);
+        step_acc<R, Int4, false>(x, xr, row, s + i, __m512{}, part[i]);
       }
     }
     for (; s < end; ++s) {
       prefetch_weights(row + s * 64);
-      step_acc<R, Int4, false>(x, row, s, __m512{}, part[0]);
+      step_acc<R, Int4, false>(x, xr, row, s, __m512{}, part[0]);
     }
     const __m512 sg = _mm512_set1_ps(static_cast<float>(sc[g]));
     for (int r = 0; r < R; ++r) {
