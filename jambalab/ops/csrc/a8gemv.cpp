@@ -71,7 +71,7 @@ struct Step {
   }
 };
 
-inline Step step_of(bool int4) { return int4 ? Step{128, 4, true} : Step{64, 2, false}; }
+constexpr Step step_of(bool int4) { return int4 ? Step{128, 4, true} : Step{64, 2, false}; }
 
 // x (R, K) as int8 blocks of 32: q and d in k order (the portable loop's), and, for the VNNI kernel,
 // q in step layout (padded with zeros to whole steps), each lane's block scale, and for 4-bit the
@@ -198,28 +198,30 @@ struct StepScales {
   }
 };
 
-// The int32 sums of step s for row r (16 lanes). int8: |w| times q with w's sign (vpdpbusd takes
-// unsigned x signed bytes); 4-bit: the nibbles u times q, both registers into one accumulator that
-// starts at the offset -8 * sum q.
-// Where row r's x of step s lies (QuantX's step layout), the strides compile-time constants: the
-// addressing is most of a step's scalar work once several rows share each weight load.
+// QuantX's step layout seen from one format: where row r's x of step s lies, the step size a
+// compile-time constant (the addressing is most of a step's scalar work once several rows share each
+// weight load).
 template <bool Int4>
 struct XRows {
-  static constexpr int64_t kWeights = Int4 ? 128 : 64;  // step_of's weights a step
+  static constexpr int64_t kWeights = step_of(Int4).weights;
   const int8_t* qs;
   const float* dv;
   const int32_t* off;
-  int64_t steps, full;  // steps a row; steps with every weight present (K / kWeights)
+  int64_t K, steps, full;  // steps a row; steps with every weight present
   explicit XRows(const QuantX& x)
-      : qs(x.qs.data()), dv(x.dv.data()), off(Int4 ? x.off.data() : nullptr), steps(x.steps), full(x.K / kWeights) {}
+      : qs(x.qs.data()), dv(x.dv.data()), off(Int4 ? x.off.data() : nullptr), K(x.K), steps(x.steps),
+        full(x.K / kWeights) {}
   const int8_t* q(int64_t r, int64_t s) const { return qs + (r * steps + s) * kWeights; }
   const float* d(int64_t r, int64_t s) const { return dv + (r * steps + s) * kLanes; }
   const int32_t* o(int64_t r, int64_t s) const { return off + (r * steps + s) * kLanes; }
 };
 
+// The int32 sums of step s for row r (16 lanes). int8: |w| times q with w's sign (vpdpbusd takes
+// unsigned x signed bytes); 4-bit: the nibbles u times q, both registers into one accumulator that
+// starts at the offset -8 * sum q.
 template <bool Int4>
-ALWAYS_INLINE __m512i step_sums(const QuantX& x, const XRows<Int4>& xr, const uint8_t* row, int64_t r, int64_t s) {
-  const int64_t n = s < xr.full ? XRows<Int4>::kWeights : x.K - s * XRows<Int4>::kWeights;  // weights present
+ALWAYS_INLINE __m512i step_sums(const XRows<Int4>& xr, const uint8_t* row, int64_t r, int64_t s) {
+  const int64_t n = s < xr.full ? XRows<Int4>::kWeights : xr.K - s * XRows<Int4>::kWeights;  // weights present
   const int8_t* q = xr.q(r, s);
   if constexpr (Int4) {
     const uint8_t* p = row + s * 64;
@@ -239,10 +241,9 @@ ALWAYS_INLINE __m512i step_sums(const QuantX& x, const XRows<Int4>& xr, const ui
 
 // acc[r] += (step s's sums, as floats) * (the lanes' block scales of x) [* the group scales gs].
 template <int R, bool Int4, bool Scaled>
-ALWAYS_INLINE void step_acc(const QuantX& x, const XRows<Int4>& xr, const uint8_t* row, int64_t s, __m512 gs,
-                            __m512 (&acc)[R]) {
+ALWAYS_INLINE void step_acc(const XRows<Int4>& xr, const uint8_t* row, int64_t s, __m512 gs, __m512 (&acc)[R]) {
   for (int r = 0; r < R; ++r) {
-    const __m512i isum = step_sums<Int4>(x, xr, row, r, s);
+    const __m512i isum = step_sums<Int4>(xr, row, r, s);
     __m512 d = _mm512_loadu_ps(xr.d(r, s));
     if constexpr (Scaled) d = _mm512_mul_ps(d, gs);
     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, acc[r]);
@@ -258,7 +259,7 @@ void sums_by_step(const Args& a, const uint8_t* row, int64_t o, __m512 (&acc)[R]
   const XRows<Int4> xr(x);
   for (int64_t s = 0; s < x.steps; ++s) {
     prefetch_weights(row + s * 64);  // a step reads 64 bytes of the row
-    step_acc<R, Int4, true>(x, xr, row, s, scales.next(), acc);
+    step_acc<R, Int4, true>(xr, row, s, scales.next(), acc);
   }
 }
 
@@ -280,12 +281,12 @@ void sums_by_group(const Args& a, const uint8_t* row, int64_t o, __m512 (&acc)[R
     for (; s + C <= end; s += C) {
       for (int i = 0; i < C; ++i) {
         prefetch_weights(row + (s + i) * 64);
-        step_acc<R, Int4, false>(x, xr, row, s + i, __m512{}, part[i]);
+        step_acc<R, Int4, false>(xr, row, s + i, __m512{}, part[i]);
       }
     }
     for (; s < end; ++s) {
       prefetch_weights(row + s * 64);
-      step_acc<R, Int4, false>(x, xr, row, s, __m512{}, part[0]);
+      step_acc<R, Int4, false>(xr, row, s, __m512{}, part[0]);
     }
     const __m512 sg = _mm512_set1_ps(static_cast<float>(sc[g]));
     for (int r = 0; r < R; ++r) {

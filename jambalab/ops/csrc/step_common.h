@@ -160,9 +160,6 @@ inline std::pair<int, int> set_aten_threads(int omp, int mkl_local) {
   return {previous_omp, previous_mkl};
 }
 
-// While it lives, the ATen ops this thread calls run on it alone: run on two threads, each one woke
-// torch's OpenMP workers, which then spun for milliseconds beside StepPool's (step_bf16.cpp: torch's
-// flash attention kernel, B bf16 decoding at 42-47 tokens/s against ~60; sampling between steps).
 // The model's dimensions as both steps' arguments give them: weights[0] the embedding (vocab, d),
 // weights[2] the lm_head (V, d); meta[0..2] heads, KV heads, head_dim; eps[0] the model's norm eps,
 // eps[1] the Mamba inner norms'.
@@ -179,6 +176,9 @@ struct StepDims {
         inner_eps(static_cast<float>(eps[1])) {}
 };
 
+// While it lives, the ATen ops this thread calls run on it alone: run on two threads, each one woke
+// torch's OpenMP workers, which then spun for milliseconds beside StepPool's (step_bf16.cpp: torch's
+// flash attention kernel, B bf16 decoding at 42-47 tokens/s against ~60; sampling between steps).
 struct SerialAten {
   std::pair<int, int> saved = set_aten_threads(1, 1);
   ~SerialAten() { set_aten_threads(saved.first, saved.second); }
