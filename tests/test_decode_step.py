@@ -186,7 +186,7 @@ def _filled_slots(model, rows: list[int], n_slots: int = 16):
     return slots
 
 
-@pytest.mark.parametrize("scheme", [None, "int4", "bf16", "bf16 model"])
+@pytest.mark.parametrize("scheme", [None, "int8", "int4", "bf16", "bf16 model"])
 def test_sixteen_rows_each_as_if_alone(scheme, monkeypatch):
     """16 ragged rows in one step call (an MoE expert runs once on all its rows, a quantized one in
     blocks of 4 rows, a bf16 model's in groups of 4): each row's logits and states are bitwise those of

@@ -143,6 +143,32 @@ def test_wgemv_a8_matches_its_twin(bits, N, K, group, rows, x_dtype):
         torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits,N,K,group", [(8, 1029, 256, None), (8, 1030, 192, 96), (4, 1029, 256, 32), (4, 1030, 256, 128)])
+def test_wgemv_a8_rows_are_bitwise_independent_of_batch_and_threads(bits, N, K, group):
+    """A row's result is bitwise its result alone, whatever rows and threads run beside it: 2-4 int8 rows
+    take 4 outputs side by side (N leaves 1-2 alone at the end, and 2 threads split the outputs at an odd
+    place), one row takes one output at a time."""
+    torch.manual_seed(bits)
+    qw = quantize_weight(torch.randn(N, K) * 0.05, bits, group)
+    x = torch.randn(4, K) * torch.rand(4, K) * 4
+    bias = torch.randn(N)
+
+    def run(rows):
+        return cpu.kernels().wgemv_a8(rows, qw.data, qw.scales, qw.group_size, bias)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.cat([run(x[r:r + 1]) for r in range(4)])
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for R in (1, 2, 3, 4):
+                assert torch.equal(run(x[:R]), alone[:R]), (t, R)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(alone, wgemv_a8_ref(x, qw.data, qw.scales, qw.group_size, bias), rtol=1e-5, atol=1e-5)
+
+
 def test_activation_quantizer_rounds_each_block_to_int8():
     x = torch.randn(3, 128) * torch.tensor([1e-3, 1.0, 50.0]).repeat_interleave(32).repeat(1, 4)[:, :128]
     x[1, 32:64] = 0  # an all-zero block: scale 0, q 0

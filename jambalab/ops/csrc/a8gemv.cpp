@@ -76,12 +76,14 @@ constexpr Step step_of(bool int4) { return int4 ? Step{128, 4, true} : Step{64, 
 // x (R, K) as int8 blocks of 32: q and d in k order (the portable loop's), and, for the VNNI kernel,
 // q in step layout (padded with zeros to whole steps), each lane's block scale, and for 4-bit the
 // offset -8 * (the sum of the lane's q's over both registers) that turns unsigned nibbles u into u - 8.
+// For int8 weights the step layout holds q + 128 as unsigned bytes (q ^ 0x80): vpdpbusd multiplies
+// unsigned by signed bytes, and sum (q + 128) w - 128 sum w = sum q w exactly in int32 (StepW).
 struct QuantX {
   int64_t R, K, steps;
   Step step;
   std::vector<int8_t> q;       // (R, K)
   std::vector<float> d;        // (R, K / 32)
-  std::vector<int8_t> qs;      // (R, steps, step.weights)
+  std::vector<int8_t> qs;      // (R, steps, step.weights); int8 weights: the bytes of q + 128
   std::vector<float> dv;       // (R, steps, 16), 0 past K
   std::vector<int32_t> off;    // (R, steps, 16), 4-bit only
 };
@@ -115,7 +117,8 @@ QuantX quantize_x(const float* x, int64_t R, int64_t K, bool int4) {
       int8_t* qs = a.qs.data() + (r * a.steps + s) * st.weights;
       for (int p = 0; p < st.weights; ++p) {
         const int64_t k = s * st.weights + st.k_of(p);
-        qs[p] = k < K ? a.q[r * K + k] : 0;
+        const int8_t v = k < K ? a.q[r * K + k] : 0;
+        qs[p] = int4 ? v : static_cast<int8_t>(static_cast<uint8_t>(v) ^ 0x80u);
       }
       for (int l = 0; l < kLanes; ++l) {
         const int64_t k = s * st.weights + st.k_of(4 * l);  // the first value of lane l (register 0)
@@ -166,11 +169,12 @@ constexpr SpreadIndex<Blocks> kSpreadIndex{};
 template <int Blocks>
 struct StepScales {
   static constexpr int kSteps16 = kLanes / Blocks;  // steps served by one conversion of 16 scales
-  const uint16_t* s;  // this output's scales, (K / G,) fp16 bits
-  int64_t per_group, left, g = 0, blocks_left;  // blocks a group; of the current one; blocks before K
-  __m512 sixteen;
+  const uint16_t* s = nullptr;  // this output's scales, (K / G,) fp16 bits
+  int64_t per_group = 1, left = 1, g = 0, blocks_left = 0;  // blocks a group; of the current one; blocks before K
+  __m512 sixteen = _mm512_setzero_ps();
   int q16 = kSteps16;
 
+  StepScales() = default;
   StepScales(const c10::Half* row, int64_t G, int64_t K)
       : s(reinterpret_cast<const uint16_t*>(row)), per_group(G / kBlock), left(G / kBlock), blocks_left(K / kBlock) {}
 
@@ -216,95 +220,127 @@ struct XRows {
   const int32_t* o(int64_t r, int64_t s) const { return off + (r * steps + s) * kLanes; }
 };
 
-// The int32 sums of step s for row r (16 lanes). int8: |w| times q with w's sign (vpdpbusd takes
-// unsigned x signed bytes); 4-bit: the nibbles u times q, both registers into one accumulator that
-// starts at the offset -8 * sum q.
+// One output's weights of step s, loaded once for every row of x. int8: the weights w, and -128 times
+// the sum of each lane's four (QuantX holds x + 128); 4-bit: the low and the high nibbles.
 template <bool Int4>
-ALWAYS_INLINE __m512i step_sums(const XRows<Int4>& xr, const uint8_t* row, int64_t r, int64_t s) {
+struct StepW {
+  __m512i a, b;
+};
+
+template <bool Int4>
+ALWAYS_INLINE StepW<Int4> load_step(const XRows<Int4>& xr, const uint8_t* row, int64_t s) {
   const int64_t n = s < xr.full ? XRows<Int4>::kWeights : xr.K - s * XRows<Int4>::kWeights;  // weights present
-  const int8_t* q = xr.q(r, s);
+  const uint8_t* p = row + s * 64;
   if constexpr (Int4) {
-    const uint8_t* p = row + s * 64;
     const __m512i v = n == 128 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8((__mmask64(1) << (n / 2)) - 1, p);
     const __m512i nib = _mm512_set1_epi8(0x0F);
-    const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-    const __m512i acc = _mm512_dpbusd_epi32(_mm512_loadu_si512(xr.o(r, s)), lo, _mm512_loadu_si512(q));
-    return _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(q + 64));
+    return {_mm512_and_si512(v, nib), _mm512_and_si512(_mm512_srli_epi16(v, 4), nib)};
   } else {
-    const uint8_t* p = row + s * 64;
     const __m512i w = n == 64 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8((__mmask64(1) << n) - 1, p);
-    const __m512i qr = _mm512_loadu_si512(q);
-    const __m512i sq = _mm512_mask_sub_epi8(qr, _mm512_movepi8_mask(w), _mm512_setzero_si512(), qr);
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sq);
+    const __m512i sum128 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(static_cast<char>(0x80)), w);
+    return {w, _mm512_sub_epi32(_mm512_setzero_si512(), sum128)};
   }
 }
 
-// acc[r] += (step s's sums, as floats) * (the lanes' block scales of x) [* the group scales gs].
-template <int R, bool Int4, bool Scaled>
-ALWAYS_INLINE void step_acc(const XRows<Int4>& xr, const uint8_t* row, int64_t s, __m512 gs, __m512 (&acc)[R]) {
+// The int32 sums of step s for row r (16 lanes). int8: (q + 128) times w, from -128 sum w; 4-bit: the
+// nibbles u times q, both registers into one accumulator that starts at the offset -8 * sum q.
+template <bool Int4>
+ALWAYS_INLINE __m512i row_sums(const XRows<Int4>& xr, const StepW<Int4>& w, int64_t r, int64_t s) {
+  const int8_t* q = xr.q(r, s);
+  if constexpr (Int4) {
+    const __m512i acc = _mm512_dpbusd_epi32(_mm512_loadu_si512(xr.o(r, s)), w.a, _mm512_loadu_si512(q));
+    return _mm512_dpbusd_epi32(acc, w.b, _mm512_loadu_si512(q + 64));
+  } else {
+    return _mm512_dpbusd_epi32(w.b, _mm512_loadu_si512(q), w.a);
+  }
+}
+
+// acc[j][r] += (step s's sums of output j and row r, as floats) * (row r's lanes' block scales)
+// [* output j's group scales gs[j]]. Each (j, r) adds in the same order whatever J is, so an output's
+// result does not depend on the outputs computed beside it.
+template <int J, int R, bool Int4, bool Scaled>
+ALWAYS_INLINE void step_acc(const XRows<Int4>& xr, const uint8_t* const (&rows)[J], int64_t s,
+                            const __m512 (&gs)[J], __m512 (&acc)[J][R]) {
+  StepW<Int4> w[J];
+  for (int j = 0; j < J; ++j) {
+    prefetch_weights(rows[j] + s * 64);  // a step reads 64 bytes of each output's row
+    w[j] = load_step<Int4>(xr, rows[j], s);
+  }
   for (int r = 0; r < R; ++r) {
-    const __m512i isum = step_sums<Int4>(xr, row, r, s);
-    __m512 d = _mm512_loadu_ps(xr.d(r, s));
-    if constexpr (Scaled) d = _mm512_mul_ps(d, gs);
-    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, acc[r]);
+    const __m512 d = _mm512_loadu_ps(xr.d(r, s));
+    for (int j = 0; j < J; ++j) {
+      const __m512 dj = Scaled ? _mm512_mul_ps(d, gs[j]) : d;
+      acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(row_sums<Int4>(xr, w[j], r, s)), dj, acc[j][r]);
+    }
   }
 }
 
 // Groups smaller than a step (or not a whole number of steps): each step's block scales are multiplied
 // by its blocks' group scales.
-template <int R, bool Int4>
-void sums_by_step(const Args& a, const uint8_t* row, int64_t o, __m512 (&acc)[R]) {
+template <int J, int R, bool Int4>
+void sums_by_step(const Args& a, const uint8_t* const (&rows)[J], int64_t o, __m512 (&acc)[J][R]) {
   const QuantX& x = *a.x;
-  StepScales<Int4 ? 4 : 2> scales(a.scales + o * (a.K / a.G), a.G, a.K);
+  StepScales<Int4 ? 4 : 2> scales[J];
+  for (int j = 0; j < J; ++j) scales[j] = StepScales<Int4 ? 4 : 2>(a.scales + (o + j) * (a.K / a.G), a.G, a.K);
   const XRows<Int4> xr(x);
   for (int64_t s = 0; s < x.steps; ++s) {
-    prefetch_weights(row + s * 64);  // a step reads 64 bytes of the row
-    step_acc<R, Int4, true>(xr, row, s, scales.next(), acc);
+    __m512 gs[J];
+    for (int j = 0; j < J; ++j) gs[j] = scales[j].next();
+    step_acc<J, R, Int4, true>(xr, rows, s, gs, acc);
   }
 }
 
-// Groups of whole steps: the group scale multiplies the group's sum once. One row of x alternates two
-// accumulators: one FMA chain (4 cycles a step) would be the bound.
-template <int R, bool Int4>
-void sums_by_group(const Args& a, const uint8_t* row, int64_t o, __m512 (&acc)[R]) {
-  constexpr int C = R == 1 ? 2 : 1;
+// Groups of whole steps: the group scale multiplies the group's sum once. One chain of FMAs a row and
+// output, whatever R and J (one row once alternated two, and so summed in another order than in a
+// batch; a chain of 4 cycles a step is ~50 GB/s of int8 a core, above the memory's rate).
+template <int J, int R, bool Int4>
+void sums_by_group(const Args& a, const uint8_t* const (&rows)[J], int64_t o, __m512 (&acc)[J][R]) {
   const QuantX& x = *a.x;
   const int64_t per_group = a.G / x.step.weights, ng = a.K / a.G;
   const c10::Half* sc = a.scales + o * ng;
   const XRows<Int4> xr(x);
+  const __m512 none[J] = {};
   for (int64_t g = 0; g < ng; ++g) {
-    __m512 part[C][R];
-    for (int i = 0; i < C; ++i)
-      for (int r = 0; r < R; ++r) part[i][r] = _mm512_setzero_ps();
-    int64_t s = g * per_group;
-    const int64_t end = s + per_group;
-    for (; s + C <= end; s += C) {
-      for (int i = 0; i < C; ++i) {
-        prefetch_weights(row + (s + i) * 64);
-        step_acc<R, Int4, false>(xr, row, s + i, __m512{}, part[i]);
-      }
-    }
-    for (; s < end; ++s) {
-      prefetch_weights(row + s * 64);
-      step_acc<R, Int4, false>(xr, row, s, __m512{}, part[0]);
-    }
-    const __m512 sg = _mm512_set1_ps(static_cast<float>(sc[g]));
-    for (int r = 0; r < R; ++r) {
-      __m512 t = part[0][r];
-      for (int i = 1; i < C; ++i) t = _mm512_add_ps(t, part[i][r]);
-      acc[r] = _mm512_fmadd_ps(t, sg, acc[r]);
+    __m512 part[J][R];
+    for (int j = 0; j < J; ++j)
+      for (int r = 0; r < R; ++r) part[j][r] = _mm512_setzero_ps();
+    for (int64_t s = g * per_group; s < (g + 1) * per_group; ++s) step_acc<J, R, Int4, false>(xr, rows, s, none, part);
+    for (int j = 0; j < J; ++j) {
+      const __m512 sg = _mm512_set1_ps(static_cast<float>(sc[j * ng + g]));
+      for (int r = 0; r < R; ++r) acc[j][r] = _mm512_fmadd_ps(part[j][r], sg, acc[j][r]);
     }
   }
 }
 
+// Outputs o .. o + J - 1 for the R rows of x. J outputs side by side are J weight streams in flight at
+// once and share each load of x.
+template <int J, int R, bool Int4>
+void outputs_block(const Args& a, int64_t o) {
+  const uint8_t* rows[J];
+  for (int j = 0; j < J; ++j) rows[j] = a.w + (o + j) * a.row_bytes;
+  __m512 acc[J][R];
+  for (int j = 0; j < J; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  if (a.G % a.x->step.weights == 0) sums_by_group<J, R, Int4>(a, rows, o, acc);
+  else sums_by_step<J, R, Int4>(a, rows, o, acc);
+  for (int j = 0; j < J; ++j)
+    for (int r = 0; r < R; ++r) a.y[r * a.N + o + j] = _mm512_reduce_add_ps(acc[j][r]) + (a.bias ? a.bias[o + j] : 0.0f);
+}
+
+// How many outputs one pass computes side by side. int8 with 2-4 rows: 4. At 4 rows the kernel was
+// bound by one output's chain of loads and sums (16384 x 4096, 2 threads: 16.5 GB/s), and 4 outputs
+// read 20-21 GB/s (2 rows: 18-24 -> 24-25 GB/s). One row reads at the memory's rate either way (two
+// outputs read less: 23 against 26-30 GB/s). 4-bit: one, which 2 and 4 outputs did not beat (their
+// group scales take 2 more registers an output; 2 rows 16-20 GB/s and 4 rows 10-12 with 1 or 2).
 template <int R, bool Int4>
-void one_output(const Args& a, int64_t o) {
-  const uint8_t* row = a.w + o * a.row_bytes;
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  if (a.G % a.x->step.weights == 0) sums_by_group<R, Int4>(a, row, o, acc);
-  else sums_by_step<R, Int4>(a, row, o, acc);
-  for (int r = 0; r < R; ++r) a.y[r * a.N + o] = _mm512_reduce_add_ps(acc[r]) + (a.bias ? a.bias[o] : 0.0f);
+constexpr int kOutputsAtOnce = Int4 || R == 1 ? 1 : 4;
+
+template <int R, bool Int4>
+void outputs_span(const Args& a, int64_t lo, int64_t hi) {
+  constexpr int J = kOutputsAtOnce<R, Int4>;
+  int64_t o = lo;
+  for (; o + J <= hi; o += J) outputs_block<J, R, Int4>(a, o);
+  for (; o < hi; ++o) outputs_block<1, R, Int4>(a, o);
 }
 #elif defined(__AVX2__)
 // AVX2 without VNNI: per block of 32, vpmaddubsw (unsigned x signed bytes, pairs into int16) and
@@ -372,9 +408,16 @@ void one_output(const Args& a, int64_t o) {
 }
 #endif
 
+#if !(defined(__AVX512VNNI__) && defined(__AVX512BW__))
+template <int R, bool Int4>
+void outputs_span(const Args& a, int64_t lo, int64_t hi) {
+  for (int64_t o = lo; o < hi; ++o) one_output<R, Int4>(a, o);
+}
+#endif
+
 template <int R>
 void outputs_range(const Args& a, int64_t lo, int64_t hi) {
-  for (int64_t o = lo; o < hi; ++o) a.int4 ? one_output<R, true>(a, o) : one_output<R, false>(a, o);
+  a.int4 ? outputs_span<R, true>(a, lo, hi) : outputs_span<R, false>(a, lo, hi);
 }
 
 template <int R>
