@@ -327,11 +327,12 @@ void outputs_block(const Args& a, int64_t o) {
     for (int r = 0; r < R; ++r) a.y[r * a.N + o + j] = _mm512_reduce_add_ps(acc[j][r]) + (a.bias ? a.bias[o + j] : 0.0f);
 }
 
-// How many outputs one pass computes side by side. int8 with 2-4 rows: 4. At 4 rows the kernel was
-// bound by one output's chain of loads and sums (16384 x 4096, 2 threads: 16.5 GB/s), and 4 outputs
-// read 20-21 GB/s (2 rows: 18-24 -> 24-25 GB/s). One row reads at the memory's rate either way (two
-// outputs read less: 23 against 26-30 GB/s). 4-bit: one, which 2 and 4 outputs did not beat (their
-// group scales take 2 more registers an output; 2 rows 16-20 GB/s and 4 rows 10-12 with 1 or 2).
+// How many outputs one pass computes side by side. int8 with 2-4 rows: 4. One output at a time, 4
+// rows' arithmetic per 64-byte step left one weight stream with few misses in flight (a standalone
+// copy from DRAM, one core: 12 ns a step, 5.6 with 4 outputs); on 16384 x 4096, 2 threads, 4 rows read
+// 19-21 GB/s against 15-17.5. One row reads at the memory's rate with one output (two read 23 against
+// 26-30 GB/s). 4-bit: one, which 2 and 4 outputs did not beat (their group scales take more
+// registers; 2 rows 16-20 GB/s and 4 rows 10-12 with 1 or 2).
 template <int R, bool Int4>
 constexpr int kOutputsAtOnce = Int4 || R == 1 ? 1 : 4;
 
