@@ -221,7 +221,7 @@ struct XRows {
 };
 
 // One output's weights of step s, loaded once for every row of x. int8: the weights w, and -128 times
-// the sum of each lane's four (QuantX holds x + 128); 4-bit: the low and the high nibbles.
+// the sum of each lane's four (QuantX holds q + 128); 4-bit: the low and the high nibbles.
 template <bool Int4>
 struct StepW {
   __m512i a, b;
@@ -410,6 +410,7 @@ void one_output(const Args& a, int64_t o) {
 #endif
 
 #if !(defined(__AVX512VNNI__) && defined(__AVX512BW__))
+// The AVX2 and portable kernels: one output at a time.
 template <int R, bool Int4>
 void outputs_span(const Args& a, int64_t lo, int64_t hi) {
   for (int64_t o = lo; o < hi; ++o) one_output<R, Int4>(a, o);
