@@ -75,4 +75,6 @@ def test_a_model_jambalab_cannot_load_names_it(setup, tmp_path):
     empty.mkdir()
     out = subprocess.run([sys.executable, str(SCRIPT), "--llama-bench", str(bench), "--rounds", "1",
                           "--pair", f"{empty}:{gguf}:bf16"], capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and out.stderr.startswith(f"paired_decode: jambalab could not load {empty} as bf16")
+    lines = out.stderr.splitlines()
+    assert out.returncode != 0 and lines[0] == "empty bf16 / Q8_0:"  # the pair's progress heading, then the error
+    assert lines[1].startswith(f"paired_decode: jambalab could not load {empty} as bf16")
