@@ -28,14 +28,13 @@ import torch
 
 def measure(source: str, precision: str, rows: list[int], steps: int, threads: int) -> list[dict]:
     """Child side: one precision, every row count."""
-    from jambalab.bench.peers import PRECISIONS
+    from jambalab.bench.peers import PRECISIONS, load_precision
 
     torch.set_num_threads(threads)
     dtype, quantize = PRECISIONS[precision]
-    kwargs = {"quantize": quantize} if quantize else {}
     kind, name = source.split(":", 1)
-    model = (jambalab.from_pretrained(name, dtype=dtype, **kwargs) if kind == "model"
-             else jambalab.from_preset(name, seed=0).to(getattr(torch, dtype))).eval()
+    model = (load_precision(name, precision) if kind == "model"
+             else jambalab.from_preset(name, seed=0).to(getattr(torch, dtype)).eval())
     if kind == "preset" and quantize:
         from jambalab.quant import quantize_model
 

@@ -28,7 +28,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,26 +35,16 @@ import torch
 
 def child(model_dir: str, precision: str, tokens: int, threads: int) -> None:
     """The jambalab side: load once, print "ready", then decode `tokens` tokens for each line read."""
-    from jambalab.bench.peers import PRECISIONS
+    from jambalab.bench.peers import greedy_decode_rate, load_precision
 
     torch.set_num_threads(threads)
-    dtype, quantize = PRECISIONS[precision]
-    kwargs = {"quantize": quantize} if quantize else {}
-    model = jambalab.from_pretrained(model_dir, dtype=dtype, **kwargs).eval()
-
-    def decode(n: int) -> float:
-        cache = model.allocate_cache(1, max_length=n)
-        tok = torch.full((1, 1), 5)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            tok = model(tok, cache=cache).logits[:, -1].argmax(-1, keepdim=True)  # (1, 1) greedy
-        return n / (time.perf_counter() - t0)
-
+    model = load_precision(model_dir, precision)
+    first = torch.full((1, 1), 5)
     with torch.inference_mode():
-        decode(min(tokens, 8))  # warm-up, as llama-bench's
+        greedy_decode_rate(model, first, min(tokens, 8))  # warm-up, as llama-bench's
         print("ready", flush=True)
         for _ in sys.stdin:
-            print(f"{decode(tokens):.4f}", flush=True)
+            print(f"{greedy_decode_rate(model, first, tokens):.4f}", flush=True)
 
 
 def llama_decode(bench: str, gguf: str, tokens: int, threads: int) -> float:

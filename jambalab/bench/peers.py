@@ -119,19 +119,35 @@ def build_checkpoint(shape: Shape, out: Path, seed: int = 0, max_shard_size: str
 # =======================================================================================
 # jambalab: one precision of one checkpoint, in a fresh process
 # =======================================================================================
+def load_precision(path: str | Path, precision: str):
+    """A checkpoint loaded in one of PRECISIONS, in eval mode (what every jambalab measurement here runs)."""
+    import jambalab
+
+    dtype, quantize = PRECISIONS[precision]
+    kwargs = {"quantize": quantize} if quantize else {}
+    return jambalab.from_pretrained(path, dtype=dtype, **kwargs).eval()
+
+
+def greedy_decode_rate(model, first, n: int) -> float:
+    """tokens/s of n greedy tokens from `first` (1, 1) in a fresh cache, the first one included, as
+    llama-bench's tg decodes from an empty context. Call it under torch.inference_mode()."""
+    cache = model.allocate_cache(1, max_length=n)
+    tok = first
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tok = model(tok, cache=cache).logits[:, -1].argmax(-1, keepdim=True)  # (1, 1) greedy
+    return n / (time.perf_counter() - t0)
+
+
 def measure_jambalab(spec: dict) -> dict:
     """Child side: load, then time prefill (prompt tokens, one call) and decode (gen tokens from an
     empty context), `repeat` runs each after a warm-up. A precision this jambalab cannot load
     (TypeError for an unknown keyword, NotImplementedError / UnsupportedError) is reported, not raised."""
     import torch
 
-    import jambalab
-
     torch.set_num_threads(spec["threads"])
-    dtype, quantize = PRECISIONS[spec["precision"]]
     try:
-        kwargs = {"quantize": quantize} if quantize else {}
-        model = jambalab.from_pretrained(spec["path"], dtype=dtype, **kwargs).eval()
+        model = load_precision(spec["path"], spec["precision"])
     except (TypeError, NotImplementedError) as e:
         return {"unsupported": f"{type(e).__name__}: {e}"}
     cfg = model.config
@@ -145,19 +161,11 @@ def measure_jambalab(spec: dict) -> dict:
         model(prompt, cache=cache, logits_to_keep=1)
         return prompt.shape[1] / (time.perf_counter() - t0)
 
-    def decode(n: int) -> float:
-        cache = model.allocate_cache(1, max_length=n)
-        tok = first
-        t0 = time.perf_counter()
-        for _ in range(n):
-            tok = model(tok, cache=cache).logits[:, -1].argmax(-1, keepdim=True)  # (1, 1) greedy
-        return n / (time.perf_counter() - t0)
-
     with torch.inference_mode():
         prefill()
         pre = [prefill() for _ in range(spec["repeat"])]
-        decode(min(8, spec["gen"]))
-        dec = [decode(spec["gen"]) for _ in range(spec["repeat"])]
+        greedy_decode_rate(model, first, min(8, spec["gen"]))
+        dec = [greedy_decode_rate(model, first, spec["gen"]) for _ in range(spec["repeat"])]
     return {"prefill": best_of(pre), "decode": best_of(dec), "bytes_per_token": model_bytes_per_token(model)}
 
 

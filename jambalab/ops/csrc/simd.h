@@ -78,13 +78,11 @@ ALWAYS_INLINE vf bf16_to_vf(const uint16_t* p) {
 // ahead, 25-27). Rows are contiguous, so it runs on into the next rows (and past a matrix's end, which
 // a prefetch may: it never faults).
 constexpr int64_t kWeightAhead = 6144;
-ALWAYS_INLINE void prefetch_weights(const void* p) {
-  __builtin_prefetch(static_cast<const char*>(p) + kWeightAhead, 0, 2);
-}
-// The same, `ahead` bytes past p (a stream that is not read in address order).
+// prefetch_weights_at: `ahead` bytes past p (also for a stream that is not read in address order).
 ALWAYS_INLINE void prefetch_weights_at(const void* p, int64_t ahead) {
   __builtin_prefetch(static_cast<const char*>(p) + ahead, 0, 2);
 }
+ALWAYS_INLINE void prefetch_weights(const void* p) { prefetch_weights_at(p, kWeightAhead); }
 
 // 2^u, branch-free so that GCC vectorises the loops calling it (std::exp stays a scalar
 // libm call without -ffast-math, and was most of the conv kernel's time): u = n + r with n an
