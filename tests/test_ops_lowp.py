@@ -118,6 +118,34 @@ def test_dense_linear_of_float32_x_and_bf16_weights(rows, native, monkeypatch):
     torch.testing.assert_close(got, bf16_gemv_ref(x, weight, bias), rtol=tol, atol=tol)
 
 
+def test_bf16_values_is_the_cast_pair_bit_for_bit():
+    """lowp.bf16_values rounds as x.to(bf16).float() does (ties to even, overflow to inf, NaN kept, denormals),
+    eager and compiled: inductor drops the rounding of a fused cast pair, this does not."""
+    torch.manual_seed(0)
+    scale = 10.0 ** torch.randint(-40, 39, (20000,)).float()
+    edge = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.3895e38, -3.3896e38, 3.4028e38, 0.0, -0.0,
+                         1e-40, -1e-41, 1.00390625, 1.01171875])  # the last two: ties, to even down and up
+    x = torch.cat([torch.randn(20000) * scale, edge])
+    want = x.to(torch.bfloat16).float()
+    for got in (lowp.bf16_values(x), torch.compile(lowp.bf16_values)(x)):
+        assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)) and got.isnan().sum() == 1
+
+
+@pytest.mark.slow
+def test_compiled_bf16_weight_prefill_without_a_native_gemm_rounds_x(monkeypatch):
+    """Weight-only bf16 prefill through fp32 tiles (a CPU without a native bf16 GEMM), under inductor: x is
+    rounded to bf16 as in eager. With x.to(bf16).float() inductor fused the casts away and drifted by 2e-4."""
+    monkeypatch.setattr(lowp, "_NATIVE_BF16", False)
+    torch.manual_seed(0)
+    weight, x = (torch.randn(48, 256) * 0.05).bfloat16(), torch.randn(40, 256)
+    with torch.no_grad():
+        want = lowp.dense_linear(x, weight)
+        got = torch.compile(lowp.dense_linear)(x, weight)
+    torch._dynamo.reset()  # the trace folded _NATIVE_BF16 in
+    assert torch.equal(got, want)
+    torch.testing.assert_close(want, bf16_gemv_ref(x, weight), rtol=1e-5, atol=1e-5)
+
+
 A8_CASES = [  # (bits, N, K, group): per channel, groups of 32 / 64 / 96 (inside and across 64-weight chunks), a half chunk
     (8, 37, 96, None), (8, 65, 256, 32), (8, 300, 1024, 128), (8, 20, 192, 96),
     (4, 37, 64, 32), (4, 129, 256, 64), (4, 40, 96, 32), (4, 300, 1024, 128), (4, 20, 288, 96),

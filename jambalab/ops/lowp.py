@@ -116,11 +116,20 @@ def _bf16_weight_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tenso
     if ops is not None:
         y = ops.gemv(x.reshape(-1, x.shape[-1]).contiguous(), weight, _bias32(bias))  # (M, N)
         return y.view(*x.shape[:-1], weight.shape[0])
-    xb = x.to(torch.bfloat16)
     if not x.is_cpu or quant_gemm_dtype() == torch.bfloat16:
-        y = F.linear(xb, weight).float()  # (..., N)
+        y = F.linear(x.to(torch.bfloat16), weight).float()  # (..., N)
         return y if bias is None else y + bias.float()
-    return _fp32_tiles(xb.float(), weight, bias)
+    return _fp32_tiles(bf16_values(x), weight, bias)
+
+
+def bf16_values(x: Tensor) -> Tensor:
+    """float32 x rounded to bf16 (to nearest, ties to even), kept in float32: x.to(torch.bfloat16).float(),
+    computed on the bits. Inductor fuses that pair of casts into one kernel without the rounding
+    (torch._inductor.config.emulate_precision_casts is off by default), so a compiled model skipped it and
+    its weight-only bf16 prefill drifted from eager by up to 2e-4 on a CPU without a native bf16 GEMM."""
+    u = x.contiguous().view(torch.int32)
+    rounded = (u + (0x7FFF + ((u >> 16) & 1))) & -65536  # c10::BFloat16's round_to_nearest_even, kept in 32 bits
+    return torch.where(torch.isnan(x), x, rounded.view(torch.float32))
 
 
 def _fp32_tiles(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -169,4 +178,4 @@ def _tiled(x: Tensor, n_out: int, tile, row_bytes: int, bias: Tensor | None) -> 
 
 
 __all__ = ["dense_linear", "qlinear", "gemm_dtype", "quant_gemm_dtype", "native_bf16", "dequant_ref", "wgemv_ref", "wgemv_a8_ref",
-           "set_activations", "activations", "DECODE_ROWS", "GEMV_ROWS_BF16"]
+           "set_activations", "activations", "bf16_values", "DECODE_ROWS", "GEMV_ROWS_BF16"]
