@@ -125,8 +125,8 @@ def build_plan(model, key: tuple = ()) -> DecodePlan | _NoPlan:
     linears = (Linear,) if bf16 else (Linear, QuantLinear)
     ok = ops.decode_step is not None and not cfg.rope and type(model.lm_head) in linears
     ok = ok and cfg.n_heads // max(cfg.n_kv_heads, 1) <= _MAX_GROUP
-    if bf16:  # bf16 x bf16 products need AVX512-BF16; top-2 sums and a float32 residual only without FFNs
-        ok = ok and _has_bf16dot() and (cfg.top_k <= 2 or cfg.n_experts <= 1)
+    if bf16:  # top-2 sums, and a float32 residual only without FFNs
+        ok = ok and (cfg.top_k <= 2 or cfg.n_experts <= 1)
         ok = ok and not (cfg.residual_in_fp32 and cfg.d_ff > 0)
     weights = [model.embed.weight, model.norm_f.weight, _matrix(model.lm_head)]
     meta = [cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, int(cfg.residual_in_fp32)]
@@ -223,10 +223,3 @@ def _fits_bf16(t: torch.Tensor | tuple | None, is_a: bool) -> bool:
     if t is None or is_a:
         return True
     return t.dtype == torch.bfloat16 and t.is_cpu and t.is_contiguous()
-
-
-def _has_bf16dot() -> bool:
-    """Whether the kernels multiply bf16 by bf16 in hardware (AVX512-BF16), as the layer path's wgemv."""
-    from jambalab.ops import cpu
-
-    return cpu.has_bf16dot()

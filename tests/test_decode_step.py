@@ -19,12 +19,6 @@ def needs_kernels():
         pytest.skip("fused kernels unavailable")
 
 
-def needs_bf16dot():
-    needs_kernels()
-    if not ds._has_bf16dot():
-        pytest.skip("no AVX512-BF16: a bf16 model decodes layer by layer")
-
-
 def _decode(model, ids, fast: bool, monkeypatch, steps: int = 5):
     """Prefill ids, then greedy-decode `steps` tokens; (stacked logits, final cache, op calls)."""
     calls = []
@@ -103,7 +97,7 @@ def test_a_bf16_model_decode_step_equals_the_layer_by_layer_decode(preset, overr
     """A bf16 model (bf16 activations, conv states and K/V caches; a bf16 or, in the Mamba presets, a
     float32 residual): csrc/step_bf16.cpp rounds where the layer path rounds, MoE and attention included;
     above 4 rows each weight row serves them in groups of 4 (a row's sums as if alone)."""
-    needs_bf16dot()
+    needs_kernels()
     model = jambalab.from_preset(preset, seed=0, **overrides).eval().to(torch.bfloat16)
     assert ds.build_plan(model).max_rows == 16
     _assert_step_equals_layers(model, bsz, monkeypatch)
@@ -112,7 +106,7 @@ def test_a_bf16_model_decode_step_equals_the_layer_by_layer_decode(preset, overr
 def test_a_bf16_model_step_on_several_threads_equals_one(monkeypatch):
     """Above 2 MiB of weights the bf16 step shares its GEMVs over the threads (its ATen calls, flash
     attention among them, stay on the caller's thread)."""
-    needs_bf16dot()
+    needs_kernels()
     model = jambalab.from_preset("tiny-hybrid", seed=0, vocab_size=16384).eval().to(torch.bfloat16)  # 2 MiB lm_head
     ids = torch.randint(3, 16384, (3, 5), generator=torch.Generator().manual_seed(2))
     threads = torch.get_num_threads()
@@ -191,7 +185,7 @@ def test_sixteen_rows_each_as_if_alone(scheme, monkeypatch):
     """16 ragged rows in one step call (an MoE expert runs once on all its rows, a quantized one in
     blocks of 4 rows, a bf16 model's in groups of 4): each row's logits and states are bitwise those of
     the same row stepped alone."""
-    needs_bf16dot() if scheme == "bf16 model" else needs_kernels()
+    needs_kernels()
     model = jambalab.from_preset("tiny-hybrid", seed=0).eval()
     if scheme == "bf16 model":
         model = model.to(torch.bfloat16)
@@ -216,7 +210,7 @@ def test_sixteen_rows_each_as_if_alone(scheme, monkeypatch):
 def test_a_ragged_slot_batch_equals_the_layer_by_layer_decode(preset, scheme, monkeypatch):
     """The serving engine's SlotBatch: rows at different lengths, each with its own K/V tensors,
     non-consecutive slots (gathered Mamba rows): one step call, bitwise the layer-by-layer path."""
-    needs_bf16dot() if scheme == "bf16 model" else needs_kernels()
+    needs_kernels()
     model = jambalab.from_preset(preset, seed=0).eval()
     if scheme == "bf16 model":
         model = model.to(torch.bfloat16)

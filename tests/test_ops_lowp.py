@@ -49,12 +49,10 @@ def test_wgemv_matches_its_twin(fmt, N, K, group, rows, x_dtype):
 
 @pytest.mark.parametrize("rows", [5, 8, 13, 16])
 def test_bf16_model_wgemv_takes_16_rows_each_as_if_alone(rows):
-    """bf16 x over a bf16 weight (a bf16 model) with AVX512-BF16: up to 16 rows in one call, each weight
+    """bf16 x over a bf16 weight (a bf16 model): up to 16 rows in one call, each weight
     row serving them in groups of 4; a row's result is bitwise its result alone, and dense_linear sends
     decode-sized calls there."""
     kernels = cpu.kernels()
-    if not kernels.has_bf16dot():
-        pytest.skip("no AVX512-BF16")
     torch.manual_seed(rows)
     w = (torch.randn(2000, 4100) * 0.05).bfloat16()  # K: a masked tail; N: enough sums to show an order change
     x, bias = torch.randn(rows, 4100).bfloat16(), torch.randn(2000)
@@ -76,8 +74,6 @@ def test_bf16_model_wgemv_in_blocks_of_k_is_bitwise_one_pass(rows, K):
     between blocks: each row's sums are bitwise those of the row alone (one pass over each weight row),
     with a masked tail and a last block of outputs shorter than the others."""
     kernels = cpu.kernels()
-    if not kernels.has_bf16dot():
-        pytest.skip("no AVX512-BF16")
     torch.manual_seed(K + rows)
     w = (torch.randn(150, K) * 0.05).bfloat16()
     x, bias = torch.randn(rows, K).bfloat16(), torch.randn(150)
@@ -272,17 +268,22 @@ def test_wgemv_a8_other_isa_builds_match_the_twin(flags, simd):
 _GEMV_ISA_CHECK = """
 import sys, tempfile, torch
 from torch.utils import cpp_extension
-cpp_extension.load(name="gemv_isa", sources=[sys.argv[1]], extra_cflags=["-O3", "-march=native", *sys.argv[2:]],
+cpp_extension.load(name="gemv_isa", sources=sys.argv[1:3], extra_cflags=["-O3", "-march=native", *sys.argv[3:]],
                    build_directory=tempfile.mkdtemp(), is_python_module=False)
-from jambalab.ops.quant_ref import bf16_gemv_ref
-for K in (8, 100, 160, 1024):
+from jambalab.ops.quant_ref import bf16_gemv_ref, wgemv_ref
+ops = torch.ops.jambalab_kernels
+for K in (8, 100, 160, 1024, 4100):
     w = (torch.randn(37, K) * 0.05).bfloat16()
-    for R in (1, 2, 3):
+    for R in (1, 2, 3, 16):
         x = torch.randn(R, K)
-        got = torch.ops.jambalab_kernels.gemv(x, w, None)
+        got = ops.gemv(x, w, None)
         torch.testing.assert_close(got, bf16_gemv_ref(x, w), rtol=1e-5, atol=1e-5)
+        xb = x.bfloat16()  # a bf16 model's wgemv (Bf16Dot)
+        got_b = ops.wgemv(xb, w, None, 0, None)
+        torch.testing.assert_close(got_b.float(), wgemv_ref(xb, w, None, 0, None).float(), rtol=1e-2, atol=1e-2)
         for r in range(R):
-            assert torch.equal(torch.ops.jambalab_kernels.gemv(x[r:r + 1].clone(), w, None), got[r:r + 1])
+            assert torch.equal(ops.gemv(x[r:r + 1].clone(), w, None), got[r:r + 1])
+            assert torch.equal(ops.wgemv(xb[r:r + 1].clone(), w, None, 0, None), got_b[r:r + 1])
 print("ok")
 """
 
@@ -291,13 +292,19 @@ print("ok")
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not torch.cpu._is_avx2_supported(),
                     reason="the ISA variants are x86 ones")
 @pytest.mark.parametrize("flags", [["-mno-avx512bf16"], ["-mno-avx512f", "-mno-avx512bf16"]])
-def test_gemv_over_bf16_weights_without_avx512_bf16_matches_the_twin(flags):
-    """gemv.cpp's path for CPUs without vdpbf16ps (the weights widened in registers), built here without it."""
-    src = Path(cpu.__file__).parent / "csrc" / "gemv.cpp"
-    out = subprocess.run([sys.executable, "-c", _GEMV_ISA_CHECK, str(src), *flags], capture_output=True, text=True,
-                         timeout=600, cwd=Path(__file__).parents[1])
+def test_bf16_gemvs_without_avx512_bf16_match_the_twin(flags):
+    """gemv.cpp's weight-only bf16 and qgemv.cpp's bf16 x bf16 (a bf16 model) on CPUs without vdpbf16ps (the
+    weights widened in registers), built here without it: each row's result is its result alone."""
+    csrc = Path(cpu.__file__).parent / "csrc"
+    out = subprocess.run([sys.executable, "-c", _GEMV_ISA_CHECK, str(csrc / "gemv.cpp"), str(csrc / "qgemv.cpp"), *flags],
+                         capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "ok"
+
+
+def test_bf16dot_is_native_exactly_where_the_cpu_has_avx512_bf16():
+    """The build's vdpbf16ps path is taken where (and only where) the CPU has it (-march=native)."""
+    assert cpu.kernels().bf16dot_native() == torch.cpu._is_avx512_bf16_supported()
 
 
 def test_wgemv_a8_rejects_bad_arguments():

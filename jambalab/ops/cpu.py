@@ -10,7 +10,7 @@ versions and this CPU's model and feature flags: a `-march=native` binary is
 never reused on another CPU, and a cached one loads without ninja or a compiler.
 Its ops live in `torch.ops.jambalab_kernels` (scan_fwd, scan_bwd,
 state_update, conv_update, conv_fwd, conv_bwd, dt_softplus_fwd/bwd, gemv, rms_norm, mamba_decode, mlp_decode,
-moe_decode, decode_step, has_bf16dot, aten_threads, ce_fwd, ce_bwd, ce_bwd_, decode_attention, wgemv, wgemv_a8, act_round,
+moe_decode, decode_step, bf16dot_native, aten_threads, ce_fwd, ce_bwd, ce_bwd_, decode_attention, wgemv, wgemv_a8, act_round,
 a8_native, dequant); jambalab/ops/fused.py
 and jambalab/ops/lowp.py wrap them.
 
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 _LIB = "jambalab_kernels"  # the TORCH_LIBRARY namespace in the sources
 
-_state: dict[str, Any] = {"tried": False, "ops": None, "error": None, "bf16dot": False}
+_state: dict[str, Any] = {"tried": False, "ops": None, "error": None}
 _lock = threading.Lock()  # a second thread's first call waits for the build instead of skipping it
 
 
@@ -60,18 +60,10 @@ def kernels() -> Any | None:
     return _state["ops"]
 
 
-def has_bf16dot() -> bool:
-    """Whether the kernels multiply bf16 x by bf16 weights in hardware (built with AVX512-BF16, on a CPU
-    that has it). A plain bool read once at load, so torch.compile folds it (the op itself returns a
-    non-tensor, which dynamo cannot trace)."""
-    return kernels() is not None and _state["bf16dot"]
-
-
 @torch.compiler.disable  # the build is file and subprocess work: never traced, even on a first call under compile
 def _try_load() -> None:
     try:
         _state["ops"] = load_extension()
-        _state["bf16dot"] = bool(_state["ops"].has_bf16dot())
         _register_fakes()
     except KernelBuildError as err:
         _state["error"] = err

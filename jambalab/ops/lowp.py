@@ -7,7 +7,7 @@ Two regimes, chosen per call by M:
   under float32 x, up to 16 rows through gemv.cpp's gemv): the weights are read once, in their
   stored format: the step is bandwidth-bound, so bf16 reads half of fp32's bytes, int8 a
   quarter, 4-bit an eighth (plus scales). csrc/qgemv.cpp's wgemv converts them in registers
-  (bf16 x bf16 with vdpbf16ps where the CPU has AVX512-BF16); for int8 / 4-bit weights,
+  (bf16 x bf16 with vdpbf16ps where the CPU has AVX512-BF16, else widened in registers); for int8 / 4-bit weights,
   csrc/a8gemv.cpp's wgemv_a8 instead quantizes x to int8 in blocks of 32 and multiplies integers
   with vpdpbusd, as llama.cpp's Q8_0 / Q4_0 kernels do: 2-3x the weights per second of
   converting them. Which one runs is quant_ref.activations() (set_activations); in the "int8"
@@ -35,7 +35,7 @@ from jambalab.ops.quant_ref import (QuantWeight, activations, dequant_ref, int8_
                                     wgemv_a8_ref, wgemv_ref)
 
 DECODE_ROWS = 4  # kMaxRows in qgemv.cpp
-# A bf16 x (a bf16 model) over a bf16 weight on a CPU with AVX512-BF16: wgemv takes up to this many rows
+# A bf16 x (a bf16 model) over a bf16 weight: wgemv takes up to this many rows
 # in one call, each weight row serving all of them from L1 (kBf16DotRows in kernels.h). Against the
 # native bf16 GEMM, which a call of 5 rows sent through oneDNN: B's (d 1024, 16 experts) bf16 model
 # decoded 5 rows in 44.5 ms a step, 4 rows in 20.3.
@@ -99,7 +99,7 @@ def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if x.dtype == torch.float32 and weight.dtype == torch.bfloat16 and not needs_grad:
         return _bf16_weight_linear(x, weight, bias)
-    rows = GEMV_ROWS_BF16 if x.dtype == weight.dtype == torch.bfloat16 and cpu.has_bf16dot() else DECODE_ROWS
+    rows = GEMV_ROWS_BF16 if x.dtype == weight.dtype == torch.bfloat16 else DECODE_ROWS
     ops = None if needs_grad or not weight.is_contiguous() else _decode_kernels(x, weight, bias, max_rows=rows)
     if ops is not None:
         y = ops.wgemv(x.reshape(-1, x.shape[-1]).contiguous(), weight, None, 0, _bias32(bias))  # (M, N)

@@ -194,9 +194,13 @@ ALWAYS_INLINE void bf16_two_rows(const uint16_t* wo, const uint16_t* x0, const u
   *y1 = bf16_sum(b0, b1, b2, b3);
 }
 
-// x (R, K) rounded to bf16, as is.
-void bf16_prepare(const float* x, int64_t R, int64_t K, xbf16* xp) {
-  for (int64_t i = 0; i < R * K; ++i) xp[i] = c10::BFloat16(x[i]).x;
+// x (R, K) rounded to bf16 (float32 x) or as it is (bf16 x, its raw bits), as is.
+ALWAYS_INLINE uint16_t bf16_bits(float v) { return c10::BFloat16(v).x; }
+ALWAYS_INLINE uint16_t bf16_bits(uint16_t v) { return v; }
+
+template <typename T>
+void bf16_prepare(const T* x, int64_t R, int64_t K, xbf16* xp) {
+  for (int64_t i = 0; i < R * K; ++i) xp[i] = bf16_bits(x[i]);
 }
 #else
 // No AVX512-BF16: a vector of W uint32 lanes holds 2W bf16 weights, k even in the low half of each lane
@@ -246,11 +250,16 @@ ALWAYS_INLINE void bf16_two_rows(const uint16_t* wo, const float* x0, const floa
   *y1 = bf16_one_row(wo, x1, K);
 }
 
-void bf16_prepare(const float* x, int64_t R, int64_t K, xbf16* xp) {
+// x (R, K) rounded to bf16 (float32 x) or widened (bf16 x, its raw bits: exact), in the split layout.
+ALWAYS_INLINE float bf16_value(float v) { return static_cast<float>(c10::BFloat16(v)); }
+ALWAYS_INLINE float bf16_value(uint16_t v) { return bf16_one(v); }
+
+template <typename T>
+void bf16_prepare(const T* x, int64_t R, int64_t K, xbf16* xp) {
   for (int64_t r = 0; r < R; ++r) {
-    const float* xr = x + r * K;
+    const T* xr = x + r * K;
     float* out = xp + r * K;
-    const auto round = [](float v) { return static_cast<float>(c10::BFloat16(v)); };
+    const auto round = [](T v) { return bf16_value(v); };
     int64_t k = 0;
     for (; k + kSplit <= K; k += kSplit) {
       for (int j = 0; j < W; ++j) {
@@ -328,6 +337,10 @@ void gemv_outputs(const float* x, int64_t R, const float* w, const float* bias, 
 }
 
 Bf16Rows::Bf16Rows(const float* x, int64_t R, int64_t K) : R_(R), K_(K), x_(R * K * sizeof(xbf16) / 2) {
+  bf16_prepare(x, R, K, reinterpret_cast<xbf16*>(x_.data()));
+}
+
+Bf16Rows::Bf16Rows(const uint16_t* x, int64_t R, int64_t K) : R_(R), K_(K), x_(R * K * sizeof(xbf16) / 2) {
   bf16_prepare(x, R, K, reinterpret_cast<xbf16*>(x_.data()));
 }
 

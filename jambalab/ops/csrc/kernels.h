@@ -44,20 +44,31 @@ void gemv_outputs(const float* x, int64_t R, const float* w, const float* bias, 
 class Bf16Rows {
  public:
   Bf16Rows(const float* x, int64_t R, int64_t K);
+  Bf16Rows(const uint16_t* x, int64_t R, int64_t K);  // x already bf16 (raw bits): taken as is
   void outputs(const uint16_t* w, const float* bias, float* y, int64_t N, int64_t lo, int64_t hi) const;
 
  private:
   int64_t R_, K_;
   std::vector<uint16_t> x_;  // the prepared x (bf16 bits, or fp32 in the layout of the kernel without AVX512-BF16)
 };
-// qgemv.cpp: wgemv over bf16 x and a bf16 weight (a bf16 model), outputs [lo, hi) of the fp32 sums
-// y (R, N) (wgemv then rounds them to bf16), R <= kBf16DotRows, exactly as wgemv computes them (a row's
-// sum does not depend on R); only where the CPU has AVX512-BF16 (bf16dot_available()), elsewhere wgemv
-// widens x and the weights instead.
+// qgemv.cpp: wgemv over bf16 x and a bf16 weight (a bf16 model) in two parts: Bf16Dot takes x (R, K) (raw
+// bf16 bits, R <= kBf16DotRows) once; outputs() then computes outputs [lo, hi) of the fp32 sums y (R, N)
+// (wgemv then rounds them to bf16), exactly as wgemv computes them (a row's sums do not depend on R). Where
+// the CPU has AVX512-BF16 (bf16dot_native()) vdpbf16ps multiplies x and the weights as they are; elsewhere
+// x is widened once (exactly) and gemv.cpp's weight-only bf16 kernel widens the weights in registers
+// (Bf16Rows): the same exact products, summed in fp32 in another order.
 constexpr int kBf16DotRows = 16;
-bool bf16dot_available();
-void bf16dot_outputs(const uint16_t* x, int64_t R, const uint16_t* w, const float* bias, float* y, int64_t K,
-                     int64_t N, int64_t lo, int64_t hi);
+bool bf16dot_native();
+class Bf16Dot {
+ public:
+  Bf16Dot(const uint16_t* x, int64_t R, int64_t K);
+  void outputs(const uint16_t* w, const float* bias, float* y, int64_t N, int64_t lo, int64_t hi) const;
+
+ private:
+  const uint16_t* x_;
+  int64_t R_, K_;
+  std::optional<Bf16Rows> widened_;  // without AVX512-BF16
+};
 // gemv.cpp: RMSNorm of `rows` rows of K floats (w may be null: weightless).
 void rms_norm_rows(const float* x, const float* w, float* y, int64_t rows, int64_t K, float eps);
 // gemv.cpp: the same over bf16 x and weight (w may be null) to bf16 y, and over float32 x with a bf16

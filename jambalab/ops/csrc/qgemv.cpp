@@ -35,7 +35,7 @@
 #include <immintrin.h>
 #endif
 
-#include "kernels.h"  // kBf16DotRows, bf16dot_outputs
+#include "kernels.h"  // kBf16DotRows, Bf16Dot, Bf16Rows
 #include "simd.h"  // kVecBytes, W, vf, load, hsum
 
 namespace {
@@ -283,11 +283,20 @@ constexpr bool kBf16Dot = false;
 
 namespace jambalab {
 
-bool bf16dot_available() { return kBf16Dot; }
+bool bf16dot_native() { return kBf16Dot; }
 
-void bf16dot_outputs(const uint16_t* x, int64_t R, const uint16_t* w, const float* bias, float* y, int64_t K,
-                     int64_t N, int64_t lo, int64_t hi) {
+Bf16Dot::Bf16Dot(const uint16_t* x, int64_t R, int64_t K) : x_(x), R_(R), K_(K) {
+  if constexpr (!kBf16Dot) widened_.emplace(x, R, K);
+}
+
+void Bf16Dot::outputs(const uint16_t* w, const float* bias, float* y, int64_t N, int64_t lo, int64_t hi) const {
+  if (widened_) {
+    widened_->outputs(w, bias, y, N, lo, hi);
+    return;
+  }
 #if defined(__AVX512BF16__)
+  const uint16_t* x = x_;
+  const int64_t R = R_, K = K_;
   constexpr int64_t kStep = 4 * kPair;
   const int64_t block = kBf16DotXBytes / (2 * R) / kStep * kStep;  // K values of x's rows that fit in L1
   if (R >= 2 && R <= kMaxRows && K > block) {
@@ -314,8 +323,6 @@ void bf16dot_outputs(const uint16_t* x, int64_t R, const uint16_t* w, const floa
       bf16dot_group(std::min<int64_t>(kMaxRows, R - g), x + g * K, w + o * K, bias, y + g * N, K, N, o, 0, K, unused,
                     kWeightAhead);
   }
-#else
-  TORCH_CHECK(false, "bf16dot_outputs: this build has no AVX512-BF16");
 #endif
 }
 
@@ -381,7 +388,7 @@ at::Tensor wgemv(const at::Tensor& x, const at::Tensor& weight, const std::optio
               "wgemv: x must be contiguous fp32 or bf16 (R, K), got ", x.sizes(), " ", x.scalar_type());
   const int64_t R = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(in_features(weight, f) == K, "wgemv: x ", x.sizes(), " and weight ", weight.sizes(), " disagree on K");
-  const bool bf16dot = kBf16Dot && f == Fmt::BF16 && x.scalar_type() == at::kBFloat16;
+  const bool bf16dot = f == Fmt::BF16 && x.scalar_type() == at::kBFloat16;
   const int max_rows = bf16dot ? kBf16DotRows : kMaxRows;
   TORCH_CHECK(R >= 1 && R <= max_rows, "wgemv: 1 to ", max_rows, " rows, got ", R);
   if (bias) {
@@ -395,7 +402,8 @@ at::Tensor wgemv(const at::Tensor& x, const at::Tensor& weight, const std::optio
     const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<c10::BFloat16>());
     float* yp = y.data_ptr<float>();
     const int64_t grain = std::max<int64_t>(4, 65536 / std::max<int64_t>(1, 2 * K));
-    at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) { bf16dot_outputs(xp, R, wp, b, yp, K, N, lo, hi); });
+    const Bf16Dot rows(xp, R, K);
+    at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) { rows.outputs(wp, b, yp, N, lo, hi); });
     return y.to(at::kBFloat16);
   }
   const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);

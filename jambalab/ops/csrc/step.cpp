@@ -366,7 +366,7 @@ at::Tensor decode_step(const at::Tensor& ids, at::TensorList weights, at::Tensor
 
 }  // namespace
 
-bool has_bf16dot() { return jambalab::bf16dot_available(); }
+bool bf16dot_native() { return jambalab::bf16dot_native(); }
 
 // set_aten_threads (step_common.h) for Python: cpu.one_aten_thread around the small ops between decode
 // steps. Returns the previous (OpenMP, MKL thread-local) counts, to be set back.
@@ -377,7 +377,7 @@ std::vector<int64_t> aten_threads(int64_t omp, int64_t mkl_local) {
 }
 
 TORCH_LIBRARY_FRAGMENT(jambalab_kernels, m) {
-  m.def("has_bf16dot() -> bool", &has_bf16dot);
+  m.def("bf16dot_native() -> bool", &bf16dot_native);
   m.def("aten_threads(int omp, int mkl_local) -> int[]", &aten_threads);
   m.def("decode_step(Tensor ids, Tensor[] weights, Tensor[] scales, Tensor(a!)[] states, int[] meta, int[] past, "
         "float[] eps) -> Tensor");

@@ -1,9 +1,8 @@
 // A bf16 model's whole decode step in one call (step.cpp's decode_step hands it a model whose embedding
-// is bf16): bf16 weights, activations and conv states, the SSM state float32, 1 to 16 rows, where the CPU
-// has AVX512-BF16. Its twin is the layer-by-layer path of jambalab/model.py for the same bf16 model, and
-// the logits are bitwise those (tests/test_decode_step.py): every value is rounded to bf16 where that
+// is bf16): bf16 weights, activations and conv states, the SSM state float32, 1 to 16 rows. Its twin is the
+// layer-by-layer path of jambalab/model.py for the same bf16 model, and the logits are bitwise those (tests/test_decode_step.py): every value is rounded to bf16 where that
 // path rounds it, and each piece runs what that path runs on the same rows:
-// - GEMVs: wgemv's bf16 x bf16 kernel (bf16dot_outputs, the fp32 sums then rounded to bf16; a bias in
+// - GEMVs: wgemv's bf16 x bf16 kernel (Bf16Dot, the fp32 sums then rounded to bf16; a bias in
 //   fp32 before the rounding), on the same rows (R <= 16; an MoE expert on the rows routed to it);
 // - norms: the rms_norm op's rows (rms_norm_rows_bf16; float32 x with a bf16 weight for a float32
 //   residual's final norm);
@@ -25,7 +24,7 @@
 #include <cstring>
 #include <vector>
 
-#include "kernels.h"    // bf16dot_outputs, rms_norm_rows_bf16, the bf16 update parts
+#include "kernels.h"    // Bf16Dot, rms_norm_rows_bf16, the bf16 update parts
 #include "step_common.h"  // split_outputs, run_parts, Routing, SerialAten, check_kv_rows
 
 namespace {
@@ -60,8 +59,9 @@ struct Bf16Step {
     const int64_t N = w.size(0), K = w.size(1);
     std::vector<float> acc(R * N);
     const u16* wp = bf(w);
+    const jambalab::Bf16Dot rows(x, R, K);
     jambalab::split_outputs(N, N * K * 2, K * 2, threads, [&](int64_t lo, int64_t hi) {
-      jambalab::bf16dot_outputs(x, R, wp, bias, acc.data(), K, N, lo, hi);
+      rows.outputs(wp, bias, acc.data(), N, lo, hi);
     });
     for (int64_t i = 0; i < R * N; ++i) y[i] = bits(acc[i]);
   }
@@ -200,7 +200,6 @@ namespace jambalab {
 // no scales; meta[3] residual_in_fp32; states: conv (R, D, Kc) bf16 and ssm (R, D, N) fp32, K/V caches bf16.
 at::Tensor decode_step_bf16(const at::Tensor& ids, at::TensorList weights, at::TensorList states, at::IntArrayRef meta,
                             at::IntArrayRef past, at::ArrayRef<double> eps) {
-  TORCH_CHECK(bf16dot_available(), "decode_step: a bf16 model needs a CPU with AVX512-BF16");
   const int threads = at::get_num_threads();
   const SerialAten serial;  // flash attention and the rest of ATen's ops: on this thread (step_common.h)
   const int64_t L = (meta.size() - kMeta) / kLayerMeta, R = ids.size(0);
