@@ -10,7 +10,7 @@ tensors), outside autograd. The model's matrices may be bf16 (weight-only bf16,
 layer path's gemv op), or int8 /
 4-bit (quant.QuantLinear, quant.QuantMoE; `from_pretrained(..., quantize="int8" | "int4")`) in the
 int8-activation mode, where they multiply as the layer path's wgemv_a8 does. A bf16 model (bf16
-activations, conv states and K/V caches) runs csrc/step_bf16.cpp instead, on a CPU with AVX512-BF16,
+activations, conv states and K/V caches) runs csrc/step_bf16.cpp instead (any CPU),
 for 1-16 rows, MoE top-k <= 2, and a float32 residual only without FFN layers. Anything else (the float
 activation mode over quantized weights, swapped modules, a padded prompt, grad mode, more rows)
 returns None here and the model decodes layer by layer, which is the twin: the logits of both paths
