@@ -194,7 +194,7 @@ ALWAYS_INLINE void bf16_two_rows(const uint16_t* wo, const uint16_t* x0, const u
   *y1 = bf16_sum(b0, b1, b2, b3);
 }
 
-// x (R, K) rounded to bf16 (float32 x) or as it is (bf16 x, its raw bits), as is.
+// x (R, K) as bf16 bits, as is: float32 x rounded, bf16 x (its raw bits) unchanged.
 ALWAYS_INLINE uint16_t bf16_bits(float v) { return c10::BFloat16(v).x; }
 ALWAYS_INLINE uint16_t bf16_bits(uint16_t v) { return v; }
 

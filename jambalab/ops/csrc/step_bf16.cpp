@@ -1,7 +1,8 @@
 // A bf16 model's whole decode step in one call (step.cpp's decode_step hands it a model whose embedding
-// is bf16): bf16 weights, activations and conv states, the SSM state float32, 1 to 16 rows. Its twin is the
-// layer-by-layer path of jambalab/model.py for the same bf16 model, and the logits are bitwise those (tests/test_decode_step.py): every value is rounded to bf16 where that
-// path rounds it, and each piece runs what that path runs on the same rows:
+// is bf16): bf16 weights, activations and conv states, the SSM state float32, 1 to 16 rows, on any CPU. Its
+// twin is the layer-by-layer path of jambalab/model.py for the same bf16 model, and the logits are bitwise
+// those (tests/test_decode_step.py): every value is rounded to bf16 where that path rounds it, and each
+// piece runs what that path runs on the same rows:
 // - GEMVs: wgemv's bf16 x bf16 kernel (Bf16Dot, the fp32 sums then rounded to bf16; a bias in
 //   fp32 before the rounding), on the same rows (R <= 16; an MoE expert on the rows routed to it);
 // - norms: the rms_norm op's rows (rms_norm_rows_bf16; float32 x with a bf16 weight for a float32
