@@ -226,28 +226,55 @@ ALWAYS_INLINE float bf16_finish(vf a0, vf a1, vf a2, vf a3, const uint16_t* wo, 
   return t;
 }
 
-ALWAYS_INLINE float bf16_one_row(const uint16_t* wo, const float* xs, int64_t K) {
-  vf a0{}, a1{}, a2{}, a3{};
-  int64_t k = 0;
-  for (; k + 2 * kSplit <= K; k += 2 * kSplit) {
+// R rows (1-4) of x against one weight row, k in [kb, ke): each row's four chains start from zero at kb == 0,
+// else from carry (R x 4 vectors), and go back to it when ke < K; the block that ends at K adds the tails and
+// writes y[r * N]. Each vector of weights is loaded and widened once for all R rows. Per row the chains see
+// the same products in the same order for any R and any blocks whose bounds are multiples of 2 * kSplit,
+// so a row's sum is bitwise the one it gets alone in one pass.
+template <int R>
+ALWAYS_INLINE void bf16_rows(const uint16_t* wo, const float* xs, int64_t K, int64_t kb, int64_t ke, vf* carry,
+                             float* y, int64_t N) {
+  vf acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = kb == 0 ? vf{} : carry[r * 4 + c];
+  const int64_t main_end = std::min(ke, K / (2 * kSplit) * (2 * kSplit));
+  int64_t k = kb;
+  for (; k < main_end; k += 2 * kSplit) {
     prefetch_lines(wo + k, 2 * kSplit * 2);
     const vu32 u0 = wload32(wo + k), u1 = wload32(wo + k + kSplit);
-    a0 += even(u0) * load(xs + k);
-    a1 += odd(u0) * load(xs + k + W);
-    a2 += even(u1) * load(xs + k + kSplit);
-    a3 += odd(u1) * load(xs + k + kSplit + W);
+    const vf e0 = even(u0), o0 = odd(u0), e1 = even(u1), o1 = odd(u1);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = xs + r * K + k;
+      acc[r][0] += e0 * load(xr);
+      acc[r][1] += o0 * load(xr + W);
+      acc[r][2] += e1 * load(xr + kSplit);
+      acc[r][3] += o1 * load(xr + kSplit + W);
+    }
+  }
+  if (ke < K) {
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < 4; ++c) carry[r * 4 + c] = acc[r][c];
+    return;
   }
   for (; k + kSplit <= K; k += kSplit) {
     const vu32 u0 = wload32(wo + k);
-    a0 += even(u0) * load(xs + k);
-    a1 += odd(u0) * load(xs + k + W);
+    const vf e0 = even(u0), o0 = odd(u0);
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] += e0 * load(xs + r * K + k);
+      acc[r][1] += o0 * load(xs + r * K + k + W);
+    }
   }
-  return bf16_finish(a0, a1, a2, a3, wo, xs, k, K);
+  for (int r = 0; r < R; ++r) y[r * N] = bf16_finish(acc[r][0], acc[r][1], acc[r][2], acc[r][3], wo, xs + r * K, k, K);
 }
 
-ALWAYS_INLINE void bf16_two_rows(const uint16_t* wo, const float* x0, const float* x1, int64_t K, float* y0, float* y1) {
-  *y0 = bf16_one_row(wo, x0, K);  // the weight row is in L1 for the second
-  *y1 = bf16_one_row(wo, x1, K);
+void bf16_row_group(int64_t rows, const uint16_t* wo, const float* xs, int64_t K, int64_t kb, int64_t ke, vf* carry,
+                    float* y, int64_t N) {
+  switch (rows) {
+    case 1: bf16_rows<1>(wo, xs, K, kb, ke, carry, y, N); break;
+    case 2: bf16_rows<2>(wo, xs, K, kb, ke, carry, y, N); break;
+    case 3: bf16_rows<3>(wo, xs, K, kb, ke, carry, y, N); break;
+    default: bf16_rows<4>(wo, xs, K, kb, ke, carry, y, N); break;
+  }
 }
 
 // x (R, K) rounded to bf16 (float32 x) or widened (bf16 x, its raw bits: exact), in the split layout.
@@ -272,14 +299,53 @@ void bf16_prepare(const T* x, int64_t R, int64_t K, xbf16* xp) {
 }
 #endif
 
-void bf16_outputs(const xbf16* xp, int64_t R, const uint16_t* w, const float* bias, float* y, int64_t K, int64_t N,
-                  int64_t lo, int64_t hi) {
+#if defined(__AVX512BF16__)
+void bf16_products(const xbf16* xp, int64_t R, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t lo,
+                   int64_t hi) {
   for (int64_t o = lo; o < hi; ++o) {
     const uint16_t* wo = w + o * K;
     int64_t r = 0;
     for (; r + 2 <= R; r += 2) bf16_two_rows(wo, xp + r * K, xp + (r + 1) * K, K, y + r * N + o, y + (r + 1) * N + o);
     if (r < R) y[r * N + o] = bf16_one_row(wo, xp + r * K, K);
   }
+}
+#else
+constexpr int64_t kWidenXBytes = 16 << 10;  // 2-4 rows of x (fp32) of one K block: a third of L1, beside the weights
+constexpr int64_t kWidenOutBlock = 32;      // outputs walked together block by block of K
+constexpr int kWidenRows = 4;               // rows a widened weight vector serves
+
+void bf16_products(const xbf16* xp, int64_t R, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t lo,
+                   int64_t hi) {
+  const int64_t step = 2 * kSplit, block = std::max(step, kWidenXBytes / (4 * R) / step * step);
+  if (R >= 2 && R <= kWidenRows && K > block) {
+    // 2-4 rows whose x does not fit in L1: each block of outputs is walked in blocks of K, x's block
+    // staying in L1 while the weights stream; the chains are carried between the blocks.
+    std::vector<vf> carry(kWidenOutBlock * R * 4);
+    for (int64_t o0 = lo; o0 < hi; o0 += kWidenOutBlock) {
+      const int64_t oe = std::min(hi, o0 + kWidenOutBlock);
+      for (int64_t kb = 0; kb < K; kb += block) {
+        const int64_t ke = std::min(K, kb + block);
+        for (int64_t o = o0; o < oe; ++o)
+          bf16_row_group(R, w + o * K, xp, K, kb, ke, carry.data() + (o - o0) * R * 4, y + o, N);
+      }
+    }
+    return;
+  }
+  // One row, or more than 4: each output's weight row serves the rows in groups of 4 (from L1 after the first).
+  vf unused[kWidenRows * 4];
+  if (R == 1) {  // decode's common case, without the dispatch per output
+    for (int64_t o = lo; o < hi; ++o) bf16_rows<1>(w + o * K, xp, K, 0, K, unused, y + o, N);
+    return;
+  }
+  for (int64_t o = lo; o < hi; ++o)
+    for (int64_t g = 0; g < R; g += kWidenRows)
+      bf16_row_group(std::min<int64_t>(kWidenRows, R - g), w + o * K, xp + g * K, K, 0, K, unused, y + g * N + o, N);
+}
+#endif
+
+void bf16_outputs(const xbf16* xp, int64_t R, const uint16_t* w, const float* bias, float* y, int64_t K, int64_t N,
+                  int64_t lo, int64_t hi) {
+  bf16_products(xp, R, w, y, K, N, lo, hi);
   if (bias) {
     for (int64_t r = 0; r < R; ++r)
       for (int64_t j = lo; j < hi; ++j) y[r * N + j] += bias[j];
