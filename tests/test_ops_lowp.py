@@ -116,14 +116,15 @@ def test_dense_linear_of_float32_x_and_bf16_weights(rows, native, monkeypatch):
 
 def test_bf16_values_is_the_cast_pair_bit_for_bit():
     """lowp.bf16_values rounds as x.to(bf16).float() does (ties to even, overflow to inf, NaN kept, denormals),
-    eager and compiled: inductor drops the rounding of a fused cast pair, this does not."""
+    eager and compiled: inductor drops the rounding of a fused cast pair, the bit arithmetic it compiles
+    instead does not."""
     torch.manual_seed(0)
     scale = 10.0 ** torch.randint(-40, 39, (20000,)).float()
     edge = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.3895e38, -3.3896e38, 3.4028e38, 0.0, -0.0,
                          1e-40, -1e-41, 1.00390625, 1.01171875])  # the last two: ties, to even down and up
     x = torch.cat([torch.randn(20000) * scale, edge])
     want = x.to(torch.bfloat16).float()
-    for got in (lowp.bf16_values(x), torch.compile(lowp.bf16_values)(x)):
+    for got in (lowp.bf16_values(x), torch.compile(lowp.bf16_values)(x)):  # eager: the casts; compiled: the bits
         assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)) and got.isnan().sum() == 1
 
 

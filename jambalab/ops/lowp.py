@@ -123,10 +123,14 @@ def _bf16_weight_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tenso
 
 
 def bf16_values(x: Tensor) -> Tensor:
-    """float32 x rounded to bf16 (to nearest, ties to even), kept in float32: x.to(torch.bfloat16).float(),
-    computed on the bits. Inductor fuses that pair of casts into one kernel without the rounding
-    (torch._inductor.config.emulate_precision_casts is off by default), so a compiled model skipped it and
-    its weight-only bf16 prefill drifted from eager by up to 2e-4 on a CPU without a native bf16 GEMM."""
+    """float32 x rounded to bf16 (to nearest, ties to even), kept in float32: x.to(torch.bfloat16).float().
+    Under torch.compile it is computed on the bits: inductor fuses that pair of casts into one kernel
+    without the rounding (torch._inductor.config.emulate_precision_casts is off by default), so a compiled
+    model skipped it and its weight-only bf16 prefill drifted from eager by up to 2e-4 on a CPU without a
+    native bf16 GEMM. Eager keeps the two casts: the five integer ops cost ~8% of B's weight-only bf16
+    prefill there (torch.profiler)."""
+    if not torch.compiler.is_compiling():
+        return x.to(torch.bfloat16).float()
     u = x.contiguous().view(torch.int32)
     rounded = (u + (0x7FFF + ((u >> 16) & 1))) & -65536  # c10::BFloat16's round_to_nearest_even, kept in 32 bits
     return torch.where(torch.isnan(x), x, rounded.view(torch.float32))
