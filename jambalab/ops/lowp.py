@@ -7,10 +7,10 @@ Two regimes, chosen per call by M:
   under float32 x, up to 16 rows through gemv.cpp's gemv): the weights are read once, in their
   stored format: the step is bandwidth-bound, so bf16 reads half of fp32's bytes, int8 a
   quarter, 4-bit an eighth (plus scales). csrc/qgemv.cpp's wgemv converts them in registers
-  (bf16 x bf16 with vdpbf16ps where the CPU has AVX512-BF16, else widened in registers); for int8 / 4-bit weights,
-  csrc/a8gemv.cpp's wgemv_a8 instead quantizes x to int8 in blocks of 32 and multiplies integers
-  with vpdpbusd, as llama.cpp's Q8_0 / Q4_0 kernels do: 2-3x the weights per second of
-  converting them. Which one runs is quant_ref.activations() (set_activations); in the "int8"
+  (bf16 x bf16 with vdpbf16ps where the CPU has AVX512-BF16, else widened in registers); for int8 /
+  4-bit weights, csrc/a8gemv.cpp's wgemv_a8 instead quantizes x to int8 in blocks of 32 and
+  multiplies integers with vpdpbusd, as llama.cpp's Q8_0 / Q4_0 kernels do: 2-3x the weights per
+  second of converting them. Which one runs is quant_ref.activations() (set_activations); in the "int8"
   mode the prefill GEMM rounds x the same way first, so decode and prefill compute the same thing.
 - prefill (more rows): the weight is expanded a tile of output rows at a time (~_TILE_BYTES, so it
   stays in L3) into the GEMM dtype and multiplied with torch's GEMM; never a dense copy of
@@ -35,10 +35,10 @@ from jambalab.ops.quant_ref import (QuantWeight, activations, dequant_ref, int8_
                                     wgemv_a8_ref, wgemv_ref)
 
 DECODE_ROWS = 4  # kMaxRows in qgemv.cpp
-# A bf16 x (a bf16 model) over a bf16 weight: wgemv takes up to this many rows
-# in one call, each weight row serving all of them from L1 (kBf16DotRows in kernels.h). Against the
-# native bf16 GEMM, which a call of 5 rows sent through oneDNN: B's (d 1024, 16 experts) bf16 model
-# decoded 5 rows in 44.5 ms a step, 4 rows in 20.3.
+# A bf16 x (a bf16 model) over a bf16 weight: wgemv takes up to this many rows in one call, each weight
+# row serving all of them from L1 (kBf16DotRows in kernels.h). Against the native bf16 GEMM, which a
+# call of 5 rows sent through oneDNN: B's (d 1024, 16 experts) bf16 model decoded 5 rows in 44.5 ms a
+# step, 4 rows in 20.3.
 GEMV_ROWS_BF16 = 16
 # Up to this many rows (a batched decode step of the serving engine), a quantized matmul runs the GEMV
 # once per block of 4 rows: reading 0.5-1 byte a weight M/4 times costs less than writing and
