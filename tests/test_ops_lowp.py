@@ -403,3 +403,63 @@ def test_quant_weight_indexes_experts():
     qw = quantize_weight(torch.randn(3, 8, 64), 4, 32)
     assert isinstance(qw[1], QuantWeight) and qw[1].data.shape == (8, 32) and len(qw.unbind()) == 3
     assert lowp.qlinear(torch.randn(2, 64), qw[2]).shape == (2, 8)
+
+
+WGEMM_CASES = [  # (M, N, K, bits, group): rows past a block of 4, outputs past a tile of 32, bias or not
+    (37, 70, 256, 4, 32), (5, 33, 192, 4, 64), (37, 70, 256, 8, None), (9, 40, 192, 8, 32), (1, 16, 128, 4, 128),
+    (64, 96, 512, 8, 128),
+]
+
+
+@pytest.mark.parametrize("M,N,K,bits,group", WGEMM_CASES)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_wgemm_a8_matches_its_twin(M, N, K, bits, group, x_dtype):
+    """The int8-activation prefill GEMM (a8gemv.cpp's wgemm_a8, VNNI): x quantized as wgemv_a8 does, exact int32
+    block sums, so it is the twin (rounded x @ dequantized W^T) up to the order of the fp32 sums."""
+    if not cpu.has_wgemm_a8():
+        pytest.skip("no AVX512-VNNI")
+    torch.manual_seed(M + N)
+    qw = quantize_weight(torch.randn(N, K) * 0.05, bits, group)
+    x, bias = torch.randn(M, K).to(x_dtype), (torch.randn(N) if M % 2 else None)
+    got = cpu.kernels().wgemm_a8(x, qw.data, qw.scales, qw.group_size, bias)
+    want = F.linear(fake_quant_act(x).double(), dequantize(qw).double(), None if bias is None else bias.double())
+    assert got.dtype == x_dtype and got.shape == (M, N)
+    tol = 1e-5 if x_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), want.to(x_dtype).double(), rtol=tol, atol=tol)
+    # the decode GEMV computes the same function, row by row
+    gemv = torch.cat([cpu.kernels().wgemv_a8(r, qw.data, qw.scales, qw.group_size, bias) for r in x.split(4)])
+    torch.testing.assert_close(got.double(), gemv.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
+def test_quantized_prefill_takes_wgemm_a8_without_a_native_bf16_gemm(bits, group, monkeypatch):
+    """On a CPU with VNNI and no native bf16 GEMM, qlinear's prefill (more than 16 rows) in the int8-activation
+    mode runs wgemm_a8; the float mode keeps the dequantized tiles."""
+    if not cpu.has_wgemm_a8():
+        pytest.skip("no AVX512-VNNI")
+    monkeypatch.setattr(lowp, "native_bf16", lambda: False)
+    qw = quantize_weight(torch.randn(70, 256) * 0.05, bits, group)
+    x = torch.randn(40, 256)
+    calls = []
+    real = cpu.kernels().wgemm_a8
+
+    class Spy:
+        def __getattr__(self, name):
+            if name == "wgemm_a8":
+                return lambda *a: calls.append(1) or real(*a)
+            return getattr(torch.ops.jambalab_kernels, name)
+
+    monkeypatch.setattr(cpu, "kernels", lambda: Spy())
+    got = lowp.qlinear(x, qw)
+    assert calls == [1]
+    torch.testing.assert_close(got, F.linear(fake_quant_act(x), dequantize(qw)), rtol=1e-5, atol=1e-5)
+
+
+def test_wgemm_a8_rejects_bad_arguments():
+    if not cpu.has_wgemm_a8():
+        pytest.skip("no AVX512-VNNI")
+    qw = quantize_weight(torch.randn(8, 64), 4, 32)
+    with pytest.raises(RuntimeError, match="scales must be contiguous fp16"):
+        cpu.kernels().wgemm_a8(torch.randn(3, 64), qw.data, qw.scales.float(), 32, None)
+    with pytest.raises(RuntimeError, match="x must be fp32 or bf16"):
+        cpu.kernels().wgemm_a8(torch.randn(3, 32), qw.data, qw.scales, 32, None)

@@ -10,7 +10,7 @@ versions and this CPU's model and feature flags: a `-march=native` binary is
 never reused on another CPU, and a cached one loads without ninja or a compiler.
 Its ops live in `torch.ops.jambalab_kernels` (scan_fwd, scan_bwd,
 state_update, conv_update, conv_fwd, conv_bwd, dt_softplus_fwd/bwd, gemv, rms_norm, mamba_decode, mlp_decode,
-moe_decode, decode_step, bf16dot_native, aten_threads, ce_fwd, ce_bwd, ce_bwd_, decode_attention, wgemv, wgemv_a8, act_round,
+moe_decode, decode_step, bf16dot_native, aten_threads, ce_fwd, ce_bwd, ce_bwd_, decode_attention, wgemv, wgemv_a8, wgemm_a8, wgemm_a8_available, act_round,
 a8_native, dequant); jambalab/ops/fused.py
 and jambalab/ops/lowp.py wrap them.
 
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 _LIB = "jambalab_kernels"  # the TORCH_LIBRARY namespace in the sources
 
-_state: dict[str, Any] = {"tried": False, "ops": None, "error": None}
+_state: dict[str, Any] = {"tried": False, "ops": None, "error": None, "wgemm_a8": False}
 _lock = threading.Lock()  # a second thread's first call waits for the build instead of skipping it
 
 
@@ -60,10 +60,17 @@ def kernels() -> Any | None:
     return _state["ops"]
 
 
+def has_wgemm_a8() -> bool:
+    """Whether the kernels have wgemm_a8, the int8-activation prefill GEMM (AVX512-VNNI). A plain bool read
+    once at load, so torch.compile folds it (the op itself returns a non-tensor, which dynamo cannot trace)."""
+    return kernels() is not None and _state["wgemm_a8"]
+
+
 @torch.compiler.disable  # the build is file and subprocess work: never traced, even on a first call under compile
 def _try_load() -> None:
     try:
         _state["ops"] = load_extension()
+        _state["wgemm_a8"] = bool(_state["ops"].wgemm_a8_available())
         _register_fakes()
     except KernelBuildError as err:
         _state["error"] = err
@@ -155,6 +162,9 @@ def _register_fakes() -> None:
     def wgemv_a8(x, weight, scales, group_size, bias):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    def wgemm_a8(x, weight, scales, group_size, bias):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
     def act_round(x, dtype):
         return x.new_empty(x.shape, dtype=dtype)
 
@@ -164,7 +174,7 @@ def _register_fakes() -> None:
 
     for fn in (scan_fwd, scan_bwd, state_update, conv_update, conv_fwd, conv_bwd, dt_softplus_fwd, dt_softplus_bwd,
                gemv, rms_norm, mamba_decode, mlp_decode, moe_decode, decode_step, ce_fwd, ce_bwd, ce_bwd_, decode_attention, wgemv, wgemv_a8,
-               act_round, dequant):
+               wgemm_a8, act_round, dequant):
         torch.library.register_fake(f"{_LIB}::{fn.__name__}", fn)
 
 

@@ -428,6 +428,193 @@ void gemv_rows(const Args& a) {
   at::parallel_for(0, a.N, grain, [&](int64_t lo, int64_t hi) { outputs_range<R>(a, lo, hi); });
 }
 
+// wgemm_a8: the prefill GEMM of the int8-activation mode, y (M, N) = x (M, K) @ W^T (+ bias), computing
+// what wgemv_a8 computes (x quantized in blocks of 32 exactly as it does; the int32 block sums exact), with
+// the fp32 sums in another order. wgemv_a8 puts K in the lanes, so every block of every row and output
+// pays an int -> float conversion and a scaled add; here 16 outputs share the lanes: each tile of 32
+// outputs is repacked (per block of 32 values, per quad of k, 64 bytes = 16 outputs x 4 k), 4 bytes of a
+// row of x are broadcast, and a block's conversion and scaled add serve 16 outputs. The tile stays in L2
+// while the rows stream through it, in groups of 4.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr int kTileOut = 32;  // outputs per tile: two registers of 16
+constexpr int kQuads = kBlock / 4;
+
+struct GemmX {  // all M rows of x: int8 weights take q + 128 (unsigned), 4-bit ones q and its block sums
+  int64_t M, K, nb;
+  std::vector<uint8_t> q;   // (M, K)
+  std::vector<float> d;     // (M, nb)
+  std::vector<int32_t> qsum;  // (M, nb), 4-bit only
+};
+
+GemmX gemm_x(const float* x, int64_t M, int64_t K, bool int4) {
+  GemmX g{M, K, K / kBlock, std::vector<uint8_t>(M * K), std::vector<float>(M * (K / kBlock)), {}};
+  if (int4) g.qsum.resize(M * g.nb);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t lo, int64_t hi) {
+    int8_t q[kBlock];
+    for (int64_t m = lo; m < hi; ++m) {
+      for (int64_t b = 0; b < g.nb; ++b) {
+        g.d[m * g.nb + b] = quantize_block(x + m * K + b * kBlock, q);
+        int32_t sum = 0;
+        for (int i = 0; i < kBlock; ++i) {
+          sum += q[i];
+          g.q[m * K + b * kBlock + i] = int4 ? static_cast<uint8_t>(q[i]) : static_cast<uint8_t>(q[i]) ^ 0x80u;
+        }
+        if (int4) g.qsum[m * g.nb + b] = sum;
+      }
+    }
+  });
+  return g;
+}
+
+// One tile: outputs n0 .. n0 + 31 (zeros past N): w (nb, kQuads, 2, 16, 4) bytes, int8 signed or 4-bit
+// unsigned nibbles 0..15; for int8, 128 x each block's weight sum (nb, 2, 16); the scales (ng, 2, 16).
+struct Tile {
+  std::vector<uint8_t> w;
+  std::vector<int32_t> wsum128;
+  std::vector<float> sc;
+};
+
+void repack(const uint8_t* w, const c10::Half* scales, int64_t N, int64_t K, int64_t G, bool int4, int64_t n0, Tile& t) {
+  const int64_t nb = K / kBlock, ng = K / G, row_bytes = int4 ? K / 2 : K;
+  t.w.assign(nb * kBlock * kTileOut, 0);
+  t.wsum128.assign(int4 ? 0 : nb * kTileOut, 0);
+  t.sc.assign(ng * kTileOut, 0.0f);
+  uint32_t* quads = reinterpret_cast<uint32_t*>(t.w.data());  // (nb, kQuads, 2, 16) quads of 4 k
+  for (int o = 0; o < kTileOut && n0 + o < N; ++o) {
+    const uint8_t* row = w + (n0 + o) * row_bytes;
+    const int j = o / 16, lane = o % 16;
+    for (int64_t b = 0; b < nb; ++b) {
+      uint32_t* dst = quads + (b * kQuads * 2 + j) * 16 + lane;  // quad qd at dst[qd * 32]
+      if (int4) {  // run b (16 bytes): byte i holds k = i (low nibble) and k = 16 + i (high nibble)
+        for (int qd = 0; qd < kQuads / 2; ++qd) {
+          uint32_t u;
+          std::memcpy(&u, row + b * 16 + 4 * qd, 4);
+          dst[qd * 32] = u & 0x0F0F0F0Fu;
+          dst[(qd + kQuads / 2) * 32] = (u >> 4) & 0x0F0F0F0Fu;
+        }
+      } else {
+        int32_t sum = 0;
+        for (int qd = 0; qd < kQuads; ++qd) std::memcpy(dst + qd * 32, row + b * kBlock + 4 * qd, 4);
+        for (int i = 0; i < kBlock; ++i) sum += static_cast<int8_t>(row[b * kBlock + i]);
+        t.wsum128[(b * 2 + j) * 16 + lane] = 128 * sum;
+      }
+    }
+    for (int64_t g = 0; g < ng; ++g) t.sc[(g * 2 + j) * 16 + lane] = static_cast<float>(scales[(n0 + o) * ng + g]);
+  }
+}
+
+template <int R, bool Int4>
+void tile_rows(const GemmX& x, int64_t m0, const Tile& t, int64_t G, const float* bias, float* y, int64_t N,
+               int64_t n0) {
+  const int64_t K = x.K, nb = x.nb, per_group = G / kBlock, ng = K / G;
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512 gacc[R][2];
+    for (int r = 0; r < R; ++r) gacc[r][0] = gacc[r][1] = _mm512_setzero_ps();
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      __m512i s[R][2];
+      for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm512_setzero_si512();
+      const uint8_t* wb = t.w.data() + b * kQuads * 2 * 64;
+      for (int qd = 0; qd < kQuads; ++qd) {
+        const __m512i w0 = _mm512_loadu_si512(wb + (qd * 2) * 64), w1 = _mm512_loadu_si512(wb + (qd * 2 + 1) * 64);
+        for (int r = 0; r < R; ++r) {
+          int32_t four;
+          std::memcpy(&four, x.q.data() + (m0 + r) * K + b * kBlock + qd * 4, 4);
+          const __m512i xb = _mm512_set1_epi32(four);
+          if constexpr (Int4) {  // unsigned nibbles times signed q
+            s[r][0] = _mm512_dpbusd_epi32(s[r][0], w0, xb);
+            s[r][1] = _mm512_dpbusd_epi32(s[r][1], w1, xb);
+          } else {  // q + 128 times signed weights
+            s[r][0] = _mm512_dpbusd_epi32(s[r][0], xb, w0);
+            s[r][1] = _mm512_dpbusd_epi32(s[r][1], xb, w1);
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 d = _mm512_set1_ps(x.d[(m0 + r) * nb + b]);
+        for (int j = 0; j < 2; ++j) {
+          const __m512i off = Int4 ? _mm512_set1_epi32(8 * x.qsum[(m0 + r) * nb + b])
+                                   : _mm512_loadu_si512(t.wsum128.data() + (b * 2 + j) * 16);
+          gacc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s[r][j], off)), d, gacc[r][j]);
+        }
+      }
+    }
+    for (int j = 0; j < 2; ++j) {
+      const __m512 sc = _mm512_loadu_ps(t.sc.data() + (g * 2 + j) * 16);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_fmadd_ps(gacc[r][j], sc, acc[r][j]);
+    }
+  }
+  for (int j = 0; j < 2; ++j) {
+    const int64_t lo = n0 + 16 * j, n = std::clamp<int64_t>(N - lo, 0, 16);
+    if (n == 0) continue;
+    const __mmask16 m = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + lo) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + (m0 + r) * N + lo, m, _mm512_add_ps(acc[r][j], bv));
+  }
+}
+#endif
+
+}  // namespace
+
+namespace jambalab {
+
+bool wgemm_a8_available() {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor wgemm_a8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t G,
+                    const std::optional<at::Tensor>& bias) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  TORCH_CHECK(weight.scalar_type() == at::kChar || weight.scalar_type() == at::kByte,
+              "wgemm_a8: weight must be int8 or uint8 (4-bit), got ", weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "wgemm_a8: weight must be contiguous 2-D");
+  const bool int4 = weight.scalar_type() == at::kByte;
+  const int64_t N = weight.size(0), K = int4 ? 2 * weight.size(1) : weight.size(1);
+  TORCH_CHECK(K % kBlock == 0 && G >= kBlock && G % kBlock == 0 && K % G == 0, "wgemm_a8: in_features ", K,
+              " and group size ", G, " must be multiples of ", kBlock, ", the group size dividing in_features");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(0) == N && scales.size(1) == K / G,
+              "wgemm_a8: scales must be contiguous fp16 (", N, ", ", K / G, "), got ", scales.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "wgemm_a8: x must be fp32 or bf16 (M, ", K, "), got ", x.sizes(), " ", x.scalar_type());
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "wgemm_a8: bias must be contiguous float32 (N,)");
+  }
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0);
+  const GemmX gx = gemm_x(xf.data_ptr<float>(), M, K, int4);
+  at::Tensor y = at::empty({M, N}, xf.options());
+  const auto* wp = static_cast<const uint8_t*>(weight.data_ptr());
+  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t tiles = (N + kTileOut - 1) / kTileOut;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    Tile t;
+    for (int64_t ti = t0; ti < t1; ++ti) {
+      const int64_t n0 = ti * kTileOut;
+      repack(wp, sp, N, K, G, int4, n0, t);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) int4 ? tile_rows<4, true>(gx, m, t, G, bp, yp, N, n0) : tile_rows<4, false>(gx, m, t, G, bp, yp, N, n0);
+      for (; m < M; ++m) int4 ? tile_rows<1, true>(gx, m, t, G, bp, yp, N, n0) : tile_rows<1, false>(gx, m, t, G, bp, yp, N, n0);
+    }
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+#else
+  TORCH_CHECK(false, "wgemm_a8: this build has no AVX512-VNNI");
+#endif
+}
+
+}  // namespace jambalab
+
+namespace {
+
 }  // namespace
 
 namespace jambalab {
@@ -534,10 +721,13 @@ bool a8_native() { return kSimd; }
 TORCH_LIBRARY_FRAGMENT(jambalab_kernels, m) {
   m.def("wgemv_a8(Tensor x, Tensor weight, Tensor scales, int group_size, Tensor? bias) -> Tensor");
   m.def("act_round(Tensor x, ScalarType dtype) -> Tensor");
+  m.def("wgemm_a8(Tensor x, Tensor weight, Tensor scales, int group_size, Tensor? bias) -> Tensor");
+  m.def("wgemm_a8_available() -> bool", &jambalab::wgemm_a8_available);
   m.def("a8_native() -> bool", &jambalab::a8_native);
 }
 
 TORCH_LIBRARY_IMPL(jambalab_kernels, CPU, m) {
   m.impl("wgemv_a8", &jambalab::wgemv_a8);
   m.impl("act_round", &jambalab::act_round);
+  m.impl("wgemm_a8", &jambalab::wgemm_a8);
 }
