@@ -134,6 +134,32 @@ QuantX quantize_x(const float* x, int64_t R, int64_t K, bool int4) {
   return a;
 }
 
+// wgemv_a8's and wgemm_a8's checks of the weight, its scales and the bias (`op` names the op in the
+// messages); the weight's kind and shape.
+struct QuantShape {
+  bool int4;
+  int64_t N, K;
+};
+
+QuantShape check_quant_args(const char* op, const at::Tensor& weight, const at::Tensor& scales, int64_t G,
+                            const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.scalar_type() == at::kChar || weight.scalar_type() == at::kByte, op,
+              ": weight must be int8 or uint8 (4-bit), got ", weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), op, ": weight must be contiguous 2-D, got ", weight.sizes());
+  const bool int4 = weight.scalar_type() == at::kByte;
+  const int64_t N = weight.size(0), K = int4 ? 2 * weight.size(1) : weight.size(1);
+  TORCH_CHECK(K % kBlock == 0 && G >= kBlock && G % kBlock == 0 && K % G == 0, op, ": in_features ", K,
+              " and group size ", G, " must be multiples of ", kBlock, ", the group size dividing in_features");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(0) == N && scales.size(1) == K / G,
+              op, ": scales must be contiguous fp16 (", N, ", ", K / G, "), got ", scales.sizes());
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, op,
+                ": bias must be contiguous float32 (N,)");
+  }
+  return {int4, N, K};
+}
+
 struct Args {
   const QuantX* x;
   const uint8_t* w;
@@ -570,22 +596,9 @@ bool wgemm_a8_available() {
 at::Tensor wgemm_a8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t G,
                     const std::optional<at::Tensor>& bias) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  TORCH_CHECK(weight.scalar_type() == at::kChar || weight.scalar_type() == at::kByte,
-              "wgemm_a8: weight must be int8 or uint8 (4-bit), got ", weight.scalar_type());
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "wgemm_a8: weight must be contiguous 2-D");
-  const bool int4 = weight.scalar_type() == at::kByte;
-  const int64_t N = weight.size(0), K = int4 ? 2 * weight.size(1) : weight.size(1);
-  TORCH_CHECK(K % kBlock == 0 && G >= kBlock && G % kBlock == 0 && K % G == 0, "wgemm_a8: in_features ", K,
-              " and group size ", G, " must be multiples of ", kBlock, ", the group size dividing in_features");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 2 &&
-                  scales.size(0) == N && scales.size(1) == K / G,
-              "wgemm_a8: scales must be contiguous fp16 (", N, ", ", K / G, "), got ", scales.sizes());
+  const auto [int4, N, K] = check_quant_args("wgemm_a8", weight, scales, G, bias);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "wgemm_a8: x must be fp32 or bf16 (M, ", K, "), got ", x.sizes(), " ", x.scalar_type());
-  if (bias) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
-                "wgemm_a8: bias must be contiguous float32 (N,)");
-  }
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t M = x.size(0);
   const GemmX gx = gemm_x(xf.data_ptr<float>(), M, K, int4);
@@ -648,26 +661,12 @@ void A8Rows::outputs(const void* w, const c10::Half* scales, int64_t G, const fl
 
 at::Tensor wgemv_a8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t G,
                     const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(weight.scalar_type() == at::kChar || weight.scalar_type() == at::kByte,
-              "wgemv_a8: weight must be int8 or uint8 (4-bit), got ", weight.scalar_type());
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "wgemv_a8: weight must be contiguous 2-D, got ",
-              weight.sizes());
-  const bool int4 = weight.scalar_type() == at::kByte;
-  const int64_t N = weight.size(0), K = int4 ? 2 * weight.size(1) : weight.size(1);
-  TORCH_CHECK(K % kBlock == 0 && G >= kBlock && G % kBlock == 0 && K % G == 0, "wgemv_a8: in_features ", K,
-              " and group size ", G, " must be multiples of ", kBlock, ", the group size dividing in_features");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 2 &&
-                  scales.size(0) == N && scales.size(1) == K / G,
-              "wgemv_a8: scales must be contiguous fp16 (", N, ", ", K / G, "), got ", scales.sizes());
+  const auto [int4, N, K] = check_quant_args("wgemv_a8", weight, scales, G, bias);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) == K &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "wgemv_a8: x must be contiguous fp32 or bf16 (R, ", K, "), got ", x.sizes(), " ", x.scalar_type());
   const int64_t R = x.size(0);
   TORCH_CHECK(R >= 1 && R <= kMaxRows, "wgemv_a8: 1 to ", kMaxRows, " rows, got ", R);
-  if (bias) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
-                "wgemv_a8: bias must be contiguous float32 (N,)");
-  }
   const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
   const QuantX qx = quantize_x(xf.data_ptr<float>(), R, K, int4);
   at::Tensor y = at::empty({R, N}, xf.options());
