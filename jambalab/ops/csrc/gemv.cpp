@@ -321,14 +321,9 @@ void bf16_products(const xbf16* xp, int64_t R, const uint16_t* w, float* y, int6
     // 2-4 rows whose x does not fit in L1: each block of outputs is walked in blocks of K, x's block
     // staying in L1 while the weights stream; the chains are carried between the blocks.
     std::vector<vf> carry(kWidenOutBlock * R * 4);
-    for (int64_t o0 = lo; o0 < hi; o0 += kWidenOutBlock) {
-      const int64_t oe = std::min(hi, o0 + kWidenOutBlock);
-      for (int64_t kb = 0; kb < K; kb += block) {
-        const int64_t ke = std::min(K, kb + block);
-        for (int64_t o = o0; o < oe; ++o)
-          bf16_row_group(R, w + o * K, xp, K, kb, ke, carry.data() + (o - o0) * R * 4, y + o, N);
-      }
-    }
+    outputs_by_k_blocks(lo, hi, K, block, kWidenOutBlock, [&](int64_t o, int64_t i, int64_t kb, int64_t ke) {
+      bf16_row_group(R, w + o * K, xp, K, kb, ke, carry.data() + i * R * 4, y + o, N);
+    });
     return;
   }
   // One row, or more than 4: each output's weight row serves the rows in groups of 4 (from L1 after the first).

@@ -305,14 +305,9 @@ void Bf16Dot::outputs(const uint16_t* w, const float* bias, float* y, int64_t N,
     // On Falcon-Mamba-7B-shaped in_proj (16384 x 4096) 4 rows read at 0.80 of 1 row's rate, against
     // 0.61-0.73 in one pass over each row (docs/decode_step.md).
     std::vector<__m512> carry(kBf16DotOutBlock * R * 4);
-    for (int64_t o0 = lo; o0 < hi; o0 += kBf16DotOutBlock) {
-      const int64_t oe = std::min(hi, o0 + kBf16DotOutBlock);
-      for (int64_t kb = 0; kb < K; kb += block) {
-        const int64_t ke = std::min(K, kb + block);
-        for (int64_t o = o0; o < oe; ++o)
-          bf16dot_group(R, x, w + o * K, bias, y, K, N, o, kb, ke, carry.data() + (o - o0) * R * 4, 2 * K);
-      }
-    }
+    outputs_by_k_blocks(lo, hi, K, block, kBf16DotOutBlock, [&](int64_t o, int64_t i, int64_t kb, int64_t ke) {
+      bf16dot_group(R, x, w + o * K, bias, y, K, N, o, kb, ke, carry.data() + i * R * 4, 2 * K);
+    });
     return;
   }
   // Each output's weight row serves the rows in groups of kMaxRows, while it is still in L1 / L2: the

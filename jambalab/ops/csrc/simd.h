@@ -5,6 +5,7 @@
 // Legend: W lanes (floats per register).
 #pragma once
 
+#include <algorithm>
 #include <bit>
 #include <cstdint>
 #include <cstring>
@@ -78,6 +79,21 @@ ALWAYS_INLINE vf bf16_to_vf(const uint16_t* p) {
 // ahead, 25-27). Rows are contiguous, so it runs on into the next rows (and past a matrix's end, which
 // a prefetch may: it never faults).
 constexpr int64_t kWeightAhead = 6144;
+
+// The walk of a GEMV's 2-4 rows whose x does not fit in L1: outputs [lo, hi) in blocks of out_block, each
+// block walked in blocks of K of `block` values, so x's block stays in L1 while the weights stream;
+// body(o, o - o0, kb, ke) for each output o of the block o0.. and each K block [kb, ke), in that order.
+template <typename F>
+ALWAYS_INLINE void outputs_by_k_blocks(int64_t lo, int64_t hi, int64_t K, int64_t block, int64_t out_block,
+                                       const F& body) {
+  for (int64_t o0 = lo; o0 < hi; o0 += out_block) {
+    const int64_t oe = std::min(hi, o0 + out_block);
+    for (int64_t kb = 0; kb < K; kb += block) {
+      const int64_t ke = std::min(K, kb + block);
+      for (int64_t o = o0; o < oe; ++o) body(o, o - o0, kb, ke);
+    }
+  }
+}
 // prefetch_weights_at: `ahead` bytes past p (also for a stream that is not read in address order).
 ALWAYS_INLINE void prefetch_weights_at(const void* p, int64_t ahead) {
   __builtin_prefetch(static_cast<const char*>(p) + ahead, 0, 2);
