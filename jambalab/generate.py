@@ -118,7 +118,7 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     """One index per row of probs (B, C), with probability proportional to its entry: the first whose
     cumulative mass passes a uniform fraction of the row's total."""
     cum = probs.cumsum(dim=-1)  # (B, C)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=cum.dtype) * cum[:, -1:]
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=cum.dtype, device=cum.device) * cum[:, -1:]
     pick = torch.searchsorted(cum, u, right=True)[:, 0]  # never a 0-probability entry: its cum equals the one before
     last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.uint8).argmax(dim=-1)  # u rounded up to the total
     return torch.minimum(pick, last)
