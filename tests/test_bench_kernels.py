@@ -102,3 +102,16 @@ def test_bad_arguments_are_one_line_errors(capsys):
     assert main(["bench", "kernels", "--quick", "--repeat", "0"]) == 2
     assert "--repeat" in capsys.readouterr().err
     assert main(["bench", "kernels", "--quick", "--presets", "no-such-preset"]) == 2
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_is_a_one_line_error(capsys):
+    assert main(["bench", "kernels", "--quick", "--device", "cuda"]) == 2
+    assert "--device cuda: this torch build or machine has no CUDA device" in capsys.readouterr().err
+
+
+def test_synced_is_the_function_itself_on_the_cpu():
+    from jambalab.bench import machine
+
+    fn = lambda: 3  # noqa: E731
+    assert machine.synced(fn, "cpu") is fn and machine.machine_info()["device"] == "cpu"

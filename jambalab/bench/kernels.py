@@ -16,6 +16,11 @@ Every figure is printed as a speedup over transformers and as a % of this machin
   prefill, train: limit = model FLOPs / GEMM rate (model_flops below, counted from the config)
   decode:         limit = bytes read per token / read bandwidth (decode_bytes below)
 Timings are the best of --repeat runs (the least disturbed on a shared machine).
+
+--device cuda runs both sides on the GPU (each timed call ends with a synchronize) and measures the
+limits there: the GPU's fp32 GEMM rate and memory bandwidth. jambalab's fast kernels are CPU code, so
+on a GPU its ops run their pure-PyTorch reference paths (a scan over time steps, like transformers'
+path without mamba_ssm): the figures say what that costs, not what a GPU could do.
 """
 
 from __future__ import annotations
@@ -167,14 +172,14 @@ def decode_bytes(cfg: JambaConfig, past: int, dtype_bytes: int = 4) -> float:
 # =======================================================================================
 # Models on both sides
 # =======================================================================================
-def build_pair(preset: str, seed: int = 0, with_hf: bool = True):
-    """Our model and (if transformers is installed) HF's, with the same random weights."""
+def build_pair(preset: str, seed: int = 0, with_hf: bool = True, device: torch.device | str = "cpu"):
+    """Our model and (if transformers is installed) HF's, with the same random weights, on `device`."""
     from jambalab.model import JambaLM
 
     cfg = JambaConfig.from_preset(preset)
     ours = JambaLM.from_config(cfg, seed=seed).eval()
     if not with_hf:
-        return cfg, ours, None
+        return cfg, ours.to(device), None
     from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,7 +187,7 @@ def build_pair(preset: str, seed: int = 0, with_hf: bool = True):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-    return cfg, ours, hf
+    return cfg, ours.to(device), hf.to(device)
 
 
 def have_transformers() -> bool:
@@ -264,21 +269,27 @@ def _no_grad(fn: Callable[[], object]) -> object:
         return fn()
 
 
-def bench_scan(plan: Plan, hf: bool, step: Callable[[str], None]) -> list[Row]:
+def _on(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def bench_scan(plan: Plan, hf: bool, step: Callable[[str], None], device: torch.device) -> list[Row]:
     bsz, length, d_inner, d_state = plan.scan_shape
-    inputs = scan_inputs(plan.scan_shape)
+    inputs = _on(scan_inputs(plan.scan_shape), device)
     rows = []
     for backward, name in ((False, "fwd"), (True, "fwd+bwd")):
         step(f"scan {name} jambalab")
-        ours = machine.best_time(scan_callable("jambalab", inputs, backward), plan.repeat, min_time=0.05)
+        fn = machine.synced(scan_callable("jambalab", inputs, backward), device)
+        ours = machine.best_time(fn, plan.repeat, min_time=0.05)
         step(f"scan {name} reference")
-        ref = machine.best_time(scan_callable("ref", inputs, backward), plan.repeat)
+        ref = machine.best_time(machine.synced(scan_callable("ref", inputs, backward), device), plan.repeat)
         theirs, notes = None, ""
         if hf:
             step(f"scan {name} transformers")
             hf_len = min(plan.hf_scan_bwd_length, length) if backward else length
-            hf_inputs = inputs if hf_len == length else scan_inputs((bsz, hf_len, d_inner, d_state))
-            theirs = _slow_best(scan_callable("hf", hf_inputs, backward), plan.repeat) * length / hf_len
+            hf_inputs = inputs if hf_len == length else _on(scan_inputs((bsz, hf_len, d_inner, d_state)), device)
+            fn = machine.synced(scan_callable("hf", hf_inputs, backward), device)
+            theirs = _slow_best(fn, plan.repeat) * length / hf_len
             if hf_len != length:
                 notes = f"HF timed at L={hf_len}, scaled x{length // hf_len} (its backward is quadratic in L: a lower bound)"
         updates = bsz * length * d_inner * d_state
@@ -306,9 +317,9 @@ def _slow_best(fn: Callable[[], object], repeat: int, slow_s: float = 5.0, very_
 # =======================================================================================
 # Whole models: prefill, decode, train
 # =======================================================================================
-def _ids(cfg: JambaConfig, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+def _ids(cfg: JambaConfig, batch: int, length: int, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, cfg.vocab_size, (batch, length), generator=g)
+    return torch.randint(3, cfg.vocab_size, (batch, length), generator=g).to(device)
 
 
 def prefill_callable(model, ids: torch.Tensor, hf: bool) -> Callable[[], torch.Tensor]:
@@ -324,13 +335,16 @@ def prefill_callable(model, ids: torch.Tensor, hf: bool) -> Callable[[], torch.T
 def our_decode_seconds(model, prompt: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
     """Greedy: prefill the prompt into a cache, then time n one-token steps. (s/token, tokens)."""
     cache = model.allocate_cache(prompt.shape[0], prompt.shape[1] + n + 1)
+    sync = machine.synced(lambda: None, prompt.device)
     with torch.inference_mode():
         tok = model(prompt, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
         out = [tok]
+        sync()
         start = time.perf_counter()
         for _ in range(n):
             tok = model(tok, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
             out.append(tok)
+        sync()
         return (time.perf_counter() - start) / n, torch.cat(out, 1)
 
 
@@ -338,11 +352,14 @@ def hf_decode_seconds(model, prompt: torch.Tensor, n: int) -> tuple[float, torch
     """Greedy HF generate with its cache; per-token time from a streamer's timestamps (prefill excluded)."""
     from transformers.generation.streamers import BaseStreamer
 
+    sync = machine.synced(lambda: None, prompt.device)
+
     class Clock(BaseStreamer):
         def __init__(self):
             self.times: list[float] = []
 
         def put(self, value):
+            sync()
             self.times.append(time.perf_counter())
 
         def end(self):
@@ -381,28 +398,29 @@ def train_step_callable(model, ids: torch.Tensor, hf: bool) -> Callable[[], None
     return step
 
 
-def bench_model(preset: str, plan: Plan, limits: dict, with_hf: bool, step: Callable[[str], None]) -> list[Row]:
-    cfg, ours, hf = build_pair(preset, with_hf=with_hf)
+def bench_model(preset: str, plan: Plan, limits: dict, with_hf: bool, step: Callable[[str], None],
+                device: torch.device) -> list[Row]:
+    cfg, ours, hf = build_pair(preset, with_hf=with_hf, device=device)
     rows = []
     # Same weights, same answer: the largest gap between the two sides' last-token logits.
-    ids = _ids(cfg, 1, plan.prefill_lengths[0])
+    ids = _ids(cfg, 1, plan.prefill_lengths[0], device=device)
     if hf is not None:
         diff = (prefill_callable(ours, ids, False)() - prefill_callable(hf, ids, True)()).abs().max().item()
     for length in plan.prefill_lengths:
-        ids = _ids(cfg, 1, length)
+        ids = _ids(cfg, 1, length, device=device)
         step(f"{preset} prefill {length} jambalab")
-        t_ours = machine.best_time(prefill_callable(ours, ids, False), plan.repeat)
+        t_ours = machine.best_time(machine.synced(prefill_callable(ours, ids, False), device), plan.repeat)
         t_hf = None
         if hf is not None:
             step(f"{preset} prefill {length} transformers")
-            t_hf = _slow_best(prefill_callable(hf, ids, True), plan.repeat)
+            t_hf = _slow_best(machine.synced(prefill_callable(hf, ids, True), device), plan.repeat)
         limit = model_flops(cfg, length, 0, kept=1) / (limits["gemm_gflops"] * 1e9)
         rows.append(Row("prefill", f"{preset}/{length}", "tok/s", length, t_ours, t_hf, limit_s=limit,
                         extra={"flops": model_flops(cfg, length, 0, kept=1),
                                **({"max_abs_logit_diff_vs_hf": diff} if hf is not None else {})}))
         gc.collect()
 
-    prompt = _ids(cfg, 1, plan.decode_prompt, seed=1)
+    prompt = _ids(cfg, 1, plan.decode_prompt, seed=1, device=device)
     n = plan.decode_tokens
     step(f"{preset} decode jambalab")
     t_ours, toks_ours = _best_decode(our_decode_seconds, ours, prompt, n, plan.repeat)
@@ -418,14 +436,14 @@ def bench_model(preset: str, plan: Plan, limits: dict, with_hf: bool, step: Call
     rows.append(Row("decode", preset, "ms/tok", 1, t_ours, t_hf, limit_s=limit, extra=extra))
 
     batch, seq = plan.train_shape
-    ids = _ids(cfg, batch, seq)
+    ids = _ids(cfg, batch, seq, device=device)
     flops = train_flops(cfg, batch, seq)
     step(f"{preset} train jambalab")
-    t_ours = machine.best_time(train_step_callable(ours, ids, False), plan.repeat)
+    t_ours = machine.best_time(machine.synced(train_step_callable(ours, ids, False), device), plan.repeat)
     t_hf = None
     if hf is not None:
         step(f"{preset} train transformers")
-        t_hf = _slow_best(train_step_callable(hf, ids, True), plan.repeat)
+        t_hf = _slow_best(machine.synced(train_step_callable(hf, ids, True), device), plan.repeat)
     rows.append(Row("train", preset, "tok/s", batch * seq, t_ours, t_hf,
                     limit_s=flops / (limits["gemm_gflops"] * 1e9),
                     extra={"batch": batch, "seq": seq, "flops": flops, "optimizer": "AdamW(fused=True)"}))
@@ -437,8 +455,18 @@ def bench_model(preset: str, plan: Plan, limits: dict, with_hf: bool, step: Call
 # =======================================================================================
 # Driver, table, targets, plot
 # =======================================================================================
-def run(plan: Plan, threads: int | None = None, with_hf: bool | None = None, progress: bool = True) -> dict:
-    """Measure everything in `plan`; returns the JSON-ready results (machine, plan, rows, targets)."""
+def run(plan: Plan, threads: int | None = None, with_hf: bool | None = None, progress: bool = True,
+        device: torch.device | str = "cpu") -> dict:
+    """Measure everything in `plan` on `device`; returns the JSON-ready results (machine, plan, rows, targets)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from jambalab.errors import InputError
+
+        raise InputError("--device cuda: this torch build or machine has no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        from jambalab.errors import InputError
+
+        raise InputError(f"--device must be cpu or cuda, got {device}")
     if with_hf is None:
         with_hf = have_transformers()
     if with_hf:
@@ -447,9 +475,9 @@ def run(plan: Plan, threads: int | None = None, with_hf: bool | None = None, pro
     if threads:
         torch.set_num_threads(threads)
     try:
-        info = machine.machine_info()  # load average before our own work adds to it
+        info = machine.machine_info(device)  # load average before our own work adds to it
         info["load_1min_end"] = None
-        limits, rows = _measure(plan, with_hf, progress)
+        limits, rows = _measure(plan, with_hf, progress, device)
         info["load_1min_end"] = machine.load_average()
     finally:
         torch.set_num_threads(previous)
@@ -460,7 +488,7 @@ def run(plan: Plan, threads: int | None = None, with_hf: bool | None = None, pro
     return results
 
 
-def _measure(plan: Plan, with_hf: bool, progress: bool) -> tuple[dict, list[Row]]:
+def _measure(plan: Plan, with_hf: bool, progress: bool, device: torch.device) -> tuple[dict, list[Row]]:
     from tqdm import tqdm
 
     per_model = (2 if with_hf else 1) * (len(plan.prefill_lengths) + 2)
@@ -476,13 +504,14 @@ def _measure(plan: Plan, with_hf: bool, progress: bool) -> tuple[dict, list[Row]
             bar.set_postfix_str(label)
 
         step("GEMM rate")
-        limits = {"gemm_gflops": machine.gemm_gflops(plan.gemm_size, repeat=max(3, plan.repeat))}
+        repeat = max(3, plan.repeat)
+        limits = {"gemm_gflops": machine.gemm_gflops(plan.gemm_size, repeat=repeat, device=device)}
         step("memory bandwidth")
-        limits["read_gbs"] = machine.read_bandwidth_gbs(plan.bandwidth_mib, repeat=max(3, plan.repeat))
-        limits["copy_gbs"] = machine.copy_bandwidth_gbs(plan.bandwidth_mib, repeat=max(3, plan.repeat))
-        rows = bench_scan(plan, with_hf, step)
+        limits["read_gbs"] = machine.read_bandwidth_gbs(plan.bandwidth_mib, repeat=repeat, device=device)
+        limits["copy_gbs"] = machine.copy_bandwidth_gbs(plan.bandwidth_mib, repeat=repeat, device=device)
+        rows = bench_scan(plan, with_hf, step, device)
         for preset in plan.presets:
-            rows += bench_model(preset, plan, limits, with_hf, step)
+            rows += bench_model(preset, plan, limits, with_hf, step, device)
         bar.update(1)
     return limits, rows
 
@@ -530,7 +559,8 @@ def table(results: dict) -> str:
     text.insert(1, "-" * len(text[0]))
     m = results["machine"]
     text.append("")
-    text.append(f"machine: {m['cpu']}, {m['threads']} threads, load {_load(m)}; fp32 GEMM "
+    where = f"{m['cpu']}, {m['threads']} threads" if m.get("device", "cpu") == "cpu" else f"GPU {m['device']} (host {m['cpu']})"
+    text.append(f"machine: {where}, load {_load(m)}; fp32 GEMM "
                 f"{m['gemm_gflops']:.0f} GFLOP/s, read {m['read_gbs']:.1f} GB/s, copy {m['copy_gbs']:.1f} GB/s; "
                 f"huge pages {m.get('huge_pages', 'unknown')}")
     text.append("limit: prefill/train = model FLOPs / GEMM rate; decode = bytes per token / read bandwidth")
@@ -561,7 +591,8 @@ def plot(results: dict, path: str | Path) -> None:
     axes[1].set_xlim(0, 100)
     axes[0].invert_yaxis()
     m = results["machine"]
-    fig.suptitle(f"jambalab vs transformers: {m['cpu']}, {m['threads']} threads")
+    where = f"{m['cpu']}, {m['threads']} threads" if m.get("device", "cpu") == "cpu" else f"GPU {m['device']}"
+    fig.suptitle(f"jambalab vs transformers: {where}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -580,6 +611,8 @@ def add_parser(group) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, = the cores)")
     p.add_argument("--presets", help=f"comma-separated presets (default {','.join(PRESETS)})")
     p.add_argument("--no-transformers", action="store_true", help="jambalab figures only")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where both sides run (default cpu); the limits are measured there")
     p.set_defaults(func=main)
 
 
@@ -602,7 +635,7 @@ def main(args) -> int:
             JambaConfig.from_preset(name)  # an unknown preset fails before any run
         plan = replace(plan, presets=names)
     with_hf = have_transformers() and not args.no_transformers
-    results = run(plan, threads=args.threads, with_hf=with_hf)
+    results = run(plan, threads=args.threads, with_hf=with_hf, device=args.device)
     if args.plot:
         plot(results, args.plot)
         results["plot"] = str(args.plot)

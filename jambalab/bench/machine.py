@@ -4,7 +4,11 @@
     read_bandwidth_gbs() bytes/s summing a tensor far larger than the caches: the decode ceiling
     copy_bandwidth_gbs() bytes/s (read + write) copying it
     huge_pages()         whether torch's allocator gets transparent huge pages
-    machine_info()       CPU model, threads, load average, library versions, huge pages
+    machine_info()       CPU model, threads, load average, library versions, huge pages (+ the GPU's name)
+    synced(fn, device)   fn, then a wait for the device's queued work: what best_time must time on a GPU
+
+The three rates take a device: on a GPU they are its fp32 GEMM rate (TF32 as torch's setting has it)
+and its memory bandwidth.
     best_of(samples)     the best of repeated rates, with their spread
 
 Figures are the best of `repeat` runs: on a shared machine the best run is the one least
@@ -49,24 +53,38 @@ def best_of(samples: list[float]) -> dict:
     return {"best": best, "spread_pct": 100 * (best - min(samples)) / best, "samples": samples}
 
 
-def gemm_gflops(n: int = 2048, repeat: int = 5) -> float:
-    """fp32 GFLOP/s of an n x n x n torch.mm (2 n^3 FLOPs) at the current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
-    return 2 * n**3 / best_time(lambda: torch.mm(a, b, out=out), repeat) / 1e9
+def synced(fn: Callable[[], object], device: torch.device | str = "cpu") -> Callable[[], object]:
+    """fn for timing on `device`: on a GPU each call also waits for the kernels it queued."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
 
 
-def read_bandwidth_gbs(mib: int = 512, repeat: int = 5) -> float:
+def gemm_gflops(n: int = 2048, repeat: int = 5, device: torch.device | str = "cpu") -> float:
+    """fp32 GFLOP/s of an n x n x n torch.mm (2 n^3 FLOPs) at the current thread count (or on the GPU)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    out = torch.empty(n, n, device=device)
+    return 2 * n**3 / best_time(synced(lambda: torch.mm(a, b, out=out), device), repeat) / 1e9
+
+
+def read_bandwidth_gbs(mib: int = 512, repeat: int = 5, device: torch.device | str = "cpu") -> float:
     """GB/s reading (summing) an fp32 tensor of `mib` MiB: what streaming weights can reach."""
-    x = torch.ones(mib * 2**20 // 4)
-    return x.numel() * 4 / best_time(lambda: x.sum(), repeat) / 1e9
+    x = torch.ones(mib * 2**20 // 4, device=device)
+    return x.numel() * 4 / best_time(synced(lambda: x.sum(), device), repeat) / 1e9
 
 
-def copy_bandwidth_gbs(mib: int = 512, repeat: int = 5) -> float:
+def copy_bandwidth_gbs(mib: int = 512, repeat: int = 5, device: torch.device | str = "cpu") -> float:
     """GB/s (bytes read + bytes written) copying an fp32 tensor of `mib` MiB."""
-    x = torch.ones(mib * 2**20 // 4)
+    x = torch.ones(mib * 2**20 // 4, device=device)
     y = torch.empty_like(x)
-    return 2 * x.numel() * 4 / best_time(lambda: y.copy_(x), repeat) / 1e9
+    return 2 * x.numel() * 4 / best_time(synced(lambda: y.copy_(x), device), repeat) / 1e9
 
 
 def cpu_model() -> str:
@@ -100,8 +118,10 @@ def huge_pages() -> str:
     return f"off (kernel THP {mode}, THP_MEM_ALLOC_ENABLE={'unset' if env is None else env})"
 
 
-def machine_info() -> dict:
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    device = torch.device(device)
     info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
