@@ -385,7 +385,7 @@ def _best_decode(fn, model, prompt: torch.Tensor, n: int, repeat: int) -> tuple[
 
 def train_step_callable(model, ids: torch.Tensor, hf: bool) -> Callable[[], None]:
     model.train()
-    # Same optimizer on both sides: torch's fused CPU AdamW.
+    # Same optimizer on both sides: torch's fused AdamW (CPU or CUDA, as the model is).
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
     def step():
