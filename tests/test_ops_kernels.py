@@ -848,3 +848,15 @@ def test_build_key_depends_on_the_cpu(monkeypatch):
     here = cpu._build_key(sources, flags)
     monkeypatch.setattr(cpu, "_cpu_fingerprint", lambda: "flags: sse2 (some other machine)")
     assert cpu._build_key(sources, flags) != here
+
+
+def test_a_build_failure_under_another_torch_names_the_tested_version():
+    """torch 2.11's cpp_extension compiles C++17 and the kernels fail on std::bit_cast there (seen on a lent
+    GPU machine): the warning says which torch they are built and tested with."""
+    note = cpu.torch_version_note("2.11.0+cu130")
+    assert f"torch {cpu.TESTED_TORCH}" in note and "this is torch 2.11.0+cu130" in note
+    assert cpu.torch_version_note(cpu.TESTED_TORCH + "+cpu") == ""
+    from pathlib import Path
+
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert f'"torch=={cpu.TESTED_TORCH}"' in pyproject  # the constant follows the pin

@@ -60,6 +60,18 @@ def kernels() -> Any | None:
     return _state["ops"]
 
 
+TESTED_TORCH = "2.13.0"  # pyproject.toml pins it: its cpp_extension compiles C++20, which the kernels use
+
+
+def torch_version_note(version: str) -> str:
+    """A sentence for the build-failure warning when torch is not the version the kernels are tested with
+    (torch 2.11's cpp_extension compiles C++17, and the kernels then fail on std::bit_cast); else ""."""
+    if version.split("+")[0] == TESTED_TORCH:
+        return ""
+    return (f"The kernels are built and tested with torch {TESTED_TORCH} (pinned in jambalab's requirements), "
+            f"whose extensions compile as C++20; this is torch {version}. ")
+
+
 def has_wgemm_a8() -> bool:
     """Whether the kernels have wgemm_a8, the int8-activation prefill GEMM (AVX512-VNNI). A plain bool read
     once at load, so torch.compile folds it (the op itself returns a non-tensor, which dynamo cannot trace)."""
@@ -76,7 +88,7 @@ def _try_load() -> None:
         _state["error"] = err
         warnings.warn(
             f"jambalab: fused CPU kernels unavailable, using the slow pure-PyTorch reference ({err}). "
-            "Set JAMBALAB_KERNELS=ref to choose it explicitly.",
+            f"{torch_version_note(torch.__version__)}Set JAMBALAB_KERNELS=ref to choose it explicitly.",
             RuntimeWarning,
             stacklevel=5,  # _try_load <- kernels() <- fused helper <- fused op <- the caller
         )
