@@ -161,8 +161,8 @@ def qlinear(x: Tensor, qw: QuantWeight, bias: Tensor | None = None) -> Tensor:
     dtype = quant_gemm_dtype()
     ops = cpu.kernels()
     if int8_activations(qw) and dtype == torch.float32 and cpu.has_wgemm_a8():
-        # No native bf16 GEMM here: the int8 blocks multiply with vpdpbusd (a8gemv.cpp's wgemm_a8), 1.2-2.4x
-        # the fp32 GEMM over dequantized tiles on a Xeon without AVX512-BF16 (docs/precision.md)
+        # No native bf16 GEMM here: the int8 blocks multiply with vpdpbusd (a8gemv.cpp's wgemm_a8); the module
+        # docstring has what it gained over the dequantized fp32 tiles (docs/precision.md)
         y = ops.wgemm_a8(x.reshape(-1, x.shape[-1]), qw.data, qw.scales, qw.group_size, _bias32(bias))  # (M, N)
         return y.view(*x.shape[:-1], qw.out_features)
 

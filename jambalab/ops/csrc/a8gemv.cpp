@@ -585,13 +585,7 @@ void tile_rows(const GemmX& x, int64_t m0, const Tile& t, int64_t G, const float
 
 namespace jambalab {
 
-bool wgemm_a8_available() {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  return true;
-#else
-  return false;
-#endif
-}
+bool wgemm_a8_available() { return kNative; }  // the VNNI kernel is wgemm_a8's only one
 
 at::Tensor wgemm_a8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t G,
                     const std::optional<at::Tensor>& bias) {
@@ -624,13 +618,6 @@ at::Tensor wgemm_a8(const at::Tensor& x, const at::Tensor& weight, const at::Ten
 #endif
 }
 
-}  // namespace jambalab
-
-namespace {
-
-}  // namespace
-
-namespace jambalab {
 
 struct A8Rows::Impl {
   QuantX x;
