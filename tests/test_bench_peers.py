@@ -109,6 +109,21 @@ def test_side_by_side_table_gives_ratios_and_bandwidth_shares():
     assert "50% / 80%" in text  # 2e9 B * 5 tok/s / 20 GB/s, 4e9 * 4 / 20e9
     assert "cannot load it (UnsupportedError: no 4-bit)" in text and "Q4_K_M: failed: conversion failed" in text
     assert "greedy tokens equal for 32 of 32" in text
+    assert "instruction set held below" not in text
+    res["machine"]["isa_limits"] = {"JAMBALAB_MARCH": "x86-64-v3", "ATEN_CPU_CAPABILITY": "avx2"}
+    assert "held below this CPU's for jambalab (llama.cpp: as its build): JAMBALAB_MARCH=x86-64-v3, " \
+           "ATEN_CPU_CAPABILITY=avx2" in peers.table(res)
+
+
+def test_isa_limits_are_recorded_with_the_machine(monkeypatch):
+    from jambalab.bench import machine
+
+    for k in machine.ISA_LIMIT_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert machine.machine_info()["isa_limits"] == {}
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("JAMBALAB_MARCH", "  ")  # blank: not a limit
+    assert machine.machine_info()["isa_limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def test_rounds_also_give_the_ratio_of_their_medians(tmp_path):

@@ -7,6 +7,7 @@ Legend: B batch, L length, D d_inner, N d_state, K d_conv.
 from __future__ import annotations
 
 import importlib
+import re
 import warnings
 
 import pytest
@@ -848,6 +849,23 @@ def test_build_key_depends_on_the_cpu(monkeypatch):
     here = cpu._build_key(sources, flags)
     monkeypatch.setattr(cpu, "_cpu_fingerprint", lambda: "flags: sse2 (some other machine)")
     assert cpu._build_key(sources, flags) != here
+
+
+def test_jambalab_march_compiles_for_another_instruction_set(monkeypatch):
+    """JAMBALAB_MARCH=x86-64-v3 builds what an AVX2 CPU runs (in a build of its own); a value that is not a
+    -march name is refused with the variable named, and the kernels then fall back as for any build failure."""
+    sources = sorted(cpu._CSRC.glob("*.cpp"))
+    monkeypatch.delenv(cpu.MARCH_ENV, raising=False)
+    native = cpu._compile_flags()
+    assert "-march=native" in native or "-mcpu=native" in native
+    monkeypatch.setenv(cpu.MARCH_ENV, " x86-64-v3 ")
+    flags = cpu._compile_flags()
+    assert "-march=x86-64-v3" in flags and not any("native" in f for f in flags)
+    assert cpu._build_key(sources, flags) != cpu._build_key(sources, native)
+    for bad in ("haswell -mavx512f", "-O0", "x86;rm"):
+        monkeypatch.setenv(cpu.MARCH_ENV, bad)
+        with pytest.raises(cpu.KernelBuildError, match=rf"JAMBALAB_MARCH={re.escape(repr(bad.strip()))} is not a -march"):
+            cpu._compile_flags()
 
 
 def test_a_build_failure_under_another_torch_names_the_tested_version():

@@ -463,3 +463,14 @@ def test_wgemm_a8_rejects_bad_arguments():
         cpu.kernels().wgemm_a8(torch.randn(3, 64), qw.data, qw.scales.float(), 32, None)
     with pytest.raises(RuntimeError, match="x must be fp32 or bf16"):
         cpu.kernels().wgemm_a8(torch.randn(3, 32), qw.data, qw.scales, 32, None)
+
+
+def test_native_bf16_needs_the_cpu_and_atens_avx512_kernels(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 (a run held to what an AVX2 CPU has) takes the fp32 tiles even where the CPU
+    has AVX512-BF16 or AMX."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert lowp._detect_native_bf16("AVX512")
+    assert not lowp._detect_native_bf16("AVX2") and not lowp._detect_native_bf16("DEFAULT")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert not lowp._detect_native_bf16("AVX512")

@@ -118,6 +118,17 @@ def huge_pages() -> str:
     return f"off (kernel THP {mode}, THP_MEM_ALLOC_ENABLE={'unset' if env is None else env})"
 
 
+# Settings that hold a process below this CPU's own instruction set (set before the run, inherited by its
+# children): jambalab's kernels (-march), ATen's dispatch, oneDNN, MKL, OpenBLAS.
+ISA_LIMIT_ENV = ("JAMBALAB_MARCH", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+                 "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE")
+
+
+def isa_limits() -> dict[str, str]:
+    """Those of ISA_LIMIT_ENV that are set: a run under them measures a lesser CPU than this one."""
+    return {k: os.environ[k].strip() for k in ISA_LIMIT_ENV if os.environ.get(k, "").strip()}
+
+
 def machine_info(device: torch.device | str = "cpu") -> dict:
     device = torch.device(device)
     info = {
@@ -129,6 +140,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "huge_pages": huge_pages(),
+        "isa_limits": isa_limits(),
     }
     try:
         import transformers

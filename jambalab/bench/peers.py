@@ -510,6 +510,9 @@ def _footer(results: dict) -> list[str]:
     m = results["machine"]
     out = [f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['threads']} threads per engine, load {m.get('load_1min')} "
            f"(start) / {m.get('load_1min_end')} (end), read bandwidth {_fmt(m.get('read_gbs'))} GB/s"]
+    if m.get("isa_limits"):
+        limits = ", ".join(f"{k}={v}" for k, v in m["isa_limits"].items())
+        out.append(f"instruction set held below this CPU's for jambalab (llama.cpp: as its build): {limits}")
     for k, d in results["models"].items():
         n = d["params"]
         size = f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"

@@ -8,6 +8,8 @@ the system C++ compiler, `-O3 -march=native -fopenmp`) into
 where <key> hashes the sources, the compile flags, the torch and Python
 versions and this CPU's model and feature flags: a `-march=native` binary is
 never reused on another CPU, and a cached one loads without ninja or a compiler.
+JAMBALAB_MARCH=<name> compiles for that -march instead (x86-64-v3: AVX2 and FMA,
+no AVX-512), to run and measure on this CPU what a lesser one would run.
 Its ops live in `torch.ops.jambalab_kernels` (scan_fwd, scan_bwd,
 state_update, conv_update, conv_fwd, conv_bwd, dt_softplus_fwd/bwd, gemv, rms_norm, mamba_decode, mlp_decode,
 moe_decode, decode_step, bf16dot_native, aten_threads, ce_fwd, ce_bwd, ce_bwd_, decode_attention, wgemv, wgemv_a8, wgemm_a8, wgemm_a8_available, act_round,
@@ -28,6 +30,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import threading
@@ -225,7 +228,9 @@ def load_extension() -> Any:
     try:
         _load_or_build(name, sources, flags, build_dir)
     except Exception as err:  # compiler, ninja, linker or dlopen failure: all mean "use the reference"
-        raise KernelBuildError(f"{type(err).__name__}: {_reason(err)}") from err
+        march = os.environ.get(MARCH_ENV, "").strip()
+        note = f" (compiled for {MARCH_ENV}={march})" if march else ""
+        raise KernelBuildError(f"{type(err).__name__}: {_reason(err)}{note}") from err
     return getattr(torch.ops, _LIB)
 
 
@@ -262,12 +267,25 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+MARCH_ENV = "JAMBALAB_MARCH"  # the instruction set the kernels compile for, instead of this CPU's own
+
+
+def _arch_flag() -> str:
+    """-march=native (-mcpu=native on Arm), or -march=$JAMBALAB_MARCH: an older instruction set than this
+    CPU's (say x86-64-v3, AVX2 without AVX-512), to build and measure the kernels a lesser CPU would run."""
+    want = os.environ.get(MARCH_ENV, "").strip()
+    if not want:
+        return "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", want):
+        raise KernelBuildError(f"{MARCH_ENV}={want!r} is not a -march name (for example x86-64-v3 or haswell)")
+    return f"-march={want}"
+
+
 def _compile_flags() -> list[str]:
     # -fopenmp links libgomp.so.1, the soname torch's wheel ships, so both share one thread pool.
     # -fno-trapping-math: we never unmask FP exceptions, and without it GCC will not if-convert
     # float compares (the clamps in causal_conv1d.cpp's exp), so those loops stay scalar.
-    arch = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
-    return ["-O3", arch, "-fopenmp", "-fno-trapping-math"]
+    return ["-O3", _arch_flag(), "-fopenmp", "-fno-trapping-math"]
 
 
 def _build_key(sources: list[Path], flags: list[str]) -> str:

@@ -55,9 +55,17 @@ _TILE_BYTES = 8 << 20
 
 
 
+def _detect_native_bf16(capability: str) -> bool:
+    """AVX512-BF16 or AMX in the CPU, and ATen allowed its AVX-512 kernels (capability: what
+    torch.backends.cpu.get_cpu_capability() says; ATEN_CPU_CAPABILITY=avx2 holds a run below it,
+    and a bf16 GEMM there would be oneDNN's slow emulation)."""
+    has = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return bool(has) and capability.upper().startswith("AVX512")
+
+
 # Whether this CPU multiplies bf16 matrices in hardware: read once, at import (a plain constant, which
 # torch.compile folds in; the cpuinfo queries themselves cannot be traced).
-_NATIVE_BF16 = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+_NATIVE_BF16 = _detect_native_bf16(torch.backends.cpu.get_cpu_capability())
 
 
 def native_bf16() -> bool:
