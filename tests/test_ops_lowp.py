@@ -247,6 +247,18 @@ for bits, G, K in ((8, None, 96), (8, 32, 192), (4, 32, 96), (4, 64, 256), (4, 9
         qw, x = quantize_weight(torch.randn(37, K), bits, G), torch.randn(R, K)
         got = torch.ops.jambalab_kernels.wgemv_a8(x, qw.data, qw.scales, qw.group_size, None)
         torch.testing.assert_close(got, wgemv_a8_ref(x, qw.data, qw.scales, qw.group_size, None), rtol=1e-5, atol=1e-5)
+from jambalab.ops.quant_ref import dequantize, fake_quant_act
+ops = torch.ops.jambalab_kernels
+assert ops.wgemm_a8_available() == ops.a8_native()
+for M, N, K, bits, G in ((37, 70, 256, 4, 32), (5, 33, 192, 4, 64), (9, 40, 192, 8, 32), (6, 9, 128, 8, None)):
+    if not ops.wgemm_a8_available():
+        break
+    qw, x = quantize_weight(torch.randn(N, K) * 0.05, bits, G), torch.randn(M, K)
+    bias = torch.randn(N) if M % 2 else None
+    got = ops.wgemm_a8(x, qw.data, qw.scales, qw.group_size, bias)
+    want = torch.nn.functional.linear(fake_quant_act(x).double(), dequantize(qw).double(),
+                                      None if bias is None else bias.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 print(torch.ops.jambalab_kernels.a8_native())
 """
 
@@ -258,7 +270,8 @@ print(torch.ops.jambalab_kernels.a8_native())
                                         (["-mno-avx2", "-mno-avx512f", "-mno-avx512vnni"], False)])  # portable
 def test_wgemv_a8_other_isa_builds_match_the_twin(flags, simd):
     """This machine builds only its own -march=native variant: the AVX2 and portable code paths of a8gemv.cpp
-    are compiled here without the newer ISAs, in a fresh process (the op names would clash), and checked."""
+    are compiled here without the newer ISAs, in a fresh process (the op names would clash), and checked:
+    wgemv_a8, and the prefill GEMM wgemm_a8 where the build has one (AVX2, not the portable loop)."""
     src = Path(cpu.__file__).parent / "csrc" / "a8gemv.cpp"
     out = subprocess.run([sys.executable, "-c", _ISA_CHECK, str(src), *flags], capture_output=True, text=True,
                          timeout=600, cwd=Path(__file__).parents[1])
@@ -414,10 +427,10 @@ WGEMM_CASES = [  # (M, N, K, bits, group): rows past a block of 4, outputs past 
 @pytest.mark.parametrize("M,N,K,bits,group", WGEMM_CASES)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_wgemm_a8_matches_its_twin(M, N, K, bits, group, x_dtype):
-    """The int8-activation prefill GEMM (a8gemv.cpp's wgemm_a8, VNNI): x quantized as wgemv_a8 does, exact int32
+    """The int8-activation prefill GEMM (a8gemv.cpp's wgemm_a8, VNNI or AVX2): x quantized as wgemv_a8 does, exact int32
     block sums, so it is the twin (rounded x @ dequantized W^T) up to the order of the fp32 sums."""
     if not cpu.has_wgemm_a8():
-        pytest.skip("no AVX512-VNNI")
+        pytest.skip("no wgemm_a8 (AVX512-VNNI or AVX2)")
     torch.manual_seed(M + N)
     qw = quantize_weight(torch.randn(N, K) * 0.05, bits, group)
     x, bias = torch.randn(M, K).to(x_dtype), (torch.randn(N) if M % 2 else None)
@@ -433,10 +446,10 @@ def test_wgemm_a8_matches_its_twin(M, N, K, bits, group, x_dtype):
 
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
 def test_quantized_prefill_takes_wgemm_a8_without_a_native_bf16_gemm(bits, group, monkeypatch):
-    """On a CPU with VNNI and no native bf16 GEMM, qlinear's prefill (more than 16 rows) in the int8-activation
+    """On a CPU with VNNI or AVX2 and no native bf16 GEMM, qlinear's prefill (more than 16 rows) in the int8-activation
     mode runs wgemm_a8; the float mode keeps the dequantized tiles."""
     if not cpu.has_wgemm_a8():
-        pytest.skip("no AVX512-VNNI")
+        pytest.skip("no wgemm_a8 (AVX512-VNNI or AVX2)")
     monkeypatch.setattr(lowp, "native_bf16", lambda: False)
     qw = quantize_weight(torch.randn(70, 256) * 0.05, bits, group)
     x = torch.randn(40, 256)
@@ -457,7 +470,7 @@ def test_quantized_prefill_takes_wgemm_a8_without_a_native_bf16_gemm(bits, group
 
 def test_wgemm_a8_rejects_bad_arguments():
     if not cpu.has_wgemm_a8():
-        pytest.skip("no AVX512-VNNI")
+        pytest.skip("no wgemm_a8 (AVX512-VNNI or AVX2)")
     qw = quantize_weight(torch.randn(8, 64), 4, 32)
     with pytest.raises(RuntimeError, match="scales must be contiguous fp16"):
         cpu.kernels().wgemm_a8(torch.randn(3, 64), qw.data, qw.scales.float(), 32, None)

@@ -76,7 +76,7 @@ def torch_version_note(version: str) -> str:
 
 
 def has_wgemm_a8() -> bool:
-    """Whether the kernels have wgemm_a8, the int8-activation prefill GEMM (AVX512-VNNI). A plain bool read
+    """Whether the kernels have wgemm_a8, the int8-activation prefill GEMM (AVX512-VNNI or AVX2). A plain bool read
     once at load, so torch.compile folds it (the op itself returns a non-tensor, which dynamo cannot trace)."""
     return kernels() is not None and _state["wgemm_a8"]
 

@@ -20,10 +20,11 @@ Two regimes, chosen per call by M:
   4-bit weights fp32 activations take that bf16 GEMM too (quant_gemm_dtype): the weights are
   already rounded far coarser than bf16, and the float32 model's prefill ran 2-2.7x slower in fp32
   (A and B of bench peers, 512 tokens); its decode (csrc/step.cpp) stays exact integer products.
-  Where there is no native bf16 GEMM but AVX512-VNNI, the int8-activation mode's prefill skips the
-  tiles: a8gemv.cpp's wgemm_a8 multiplies the int8 blocks with vpdpbusd (16 outputs in the lanes,
-  each tile of 32 outputs repacked on the fly), 1.5-2.3x the tiled fp32 GEMM on a Xeon without
-  AVX512-BF16 (A and B of bench peers, 512 tokens).
+  Where there is no native bf16 GEMM, the int8-activation mode's prefill skips the tiles:
+  a8gemv.cpp's wgemm_a8 multiplies the int8 blocks with vpdpbusd (AVX512-VNNI: 16 outputs in the
+  lanes, each tile of 32 outputs repacked on the fly), 1.5-2.3x the tiled fp32 GEMM on a Xeon without
+  AVX512-BF16 (A and B of bench peers, 512 tokens); or, on AVX2, with vpmaddubsw over the same tiles,
+  8 outputs a register: 1.2-1.4x there (the same Xeon held to AVX2: JAMBALAB_MARCH=x86-64-v3).
 
 Twins: F.linear on the dense weight (quant_ref.qlinear_ref / wgemv_ref); tests compare them.
 """
@@ -169,7 +170,7 @@ def qlinear(x: Tensor, qw: QuantWeight, bias: Tensor | None = None) -> Tensor:
     dtype = quant_gemm_dtype()
     ops = cpu.kernels()
     if int8_activations(qw) and dtype == torch.float32 and cpu.has_wgemm_a8():
-        # No native bf16 GEMM here: the int8 blocks multiply with vpdpbusd (a8gemv.cpp's wgemm_a8); the module
+        # No native bf16 GEMM here: the int8 blocks multiply as integers (a8gemv.cpp's wgemm_a8); the module
         # docstring has what it gained over the dequantized fp32 tiles (docs/precision.md)
         y = ops.wgemm_a8(x.reshape(-1, x.shape[-1]), qw.data, qw.scales, qw.group_size, _bias32(bias))  # (M, N)
         return y.view(*x.shape[:-1], qw.out_features)

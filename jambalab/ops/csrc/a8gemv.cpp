@@ -460,12 +460,15 @@ void gemv_rows(const Args& a) {
 // pays an int -> float conversion and a scaled add; here 16 outputs share the lanes: each tile of 32
 // outputs is repacked (per block of 32 values, per quad of k, 64 bytes = 16 outputs x 4 k), 4 bytes of a
 // row of x are broadcast, and a block's conversion and scaled add serve 16 outputs. The tile stays in L2
-// while the rows stream through it, in groups of 4.
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-constexpr int kTileOut = 32;  // outputs per tile: two registers of 16
+// while the rows stream through it, in groups of 4. Without VNNI (AVX2), the same tiles, 8 outputs a
+// register, multiplied with vpmaddubsw (below).
+#if defined(__AVX2__)
+constexpr int kTileOut = 32;  // outputs per tile: two registers of 16 (VNNI), four of 8 (AVX2)
 constexpr int kQuads = kBlock / 4;
 
-struct GemmX {  // all M rows of x: int8 weights take q + 128 (unsigned), 4-bit ones q and its block sums
+// all M rows of x: int8 weights take q + 128 (unsigned) under VNNI and q itself on AVX2; 4-bit ones q and
+// its block sums
+struct GemmX {
   int64_t M, K, nb;
   std::vector<uint8_t> q;   // (M, K)
   std::vector<float> d;     // (M, nb)
@@ -483,7 +486,8 @@ GemmX gemm_x(const float* x, int64_t M, int64_t K, bool int4) {
         int32_t sum = 0;
         for (int i = 0; i < kBlock; ++i) {
           sum += q[i];
-          g.q[m * K + b * kBlock + i] = int4 ? static_cast<uint8_t>(q[i]) : static_cast<uint8_t>(q[i]) ^ 0x80u;
+          const bool offset = !int4 && kNative;  // vpdpbusd's unsigned operand: q + 128
+          g.q[m * K + b * kBlock + i] = offset ? static_cast<uint8_t>(q[i]) ^ 0x80u : static_cast<uint8_t>(q[i]);
         }
         if (int4) g.qsum[m * g.nb + b] = sum;
       }
@@ -492,8 +496,9 @@ GemmX gemm_x(const float* x, int64_t M, int64_t K, bool int4) {
   return g;
 }
 
-// One tile: outputs n0 .. n0 + 31 (zeros past N): w (nb, kQuads, 2, 16, 4) bytes, int8 signed or 4-bit
-// unsigned nibbles 0..15; for int8, 128 x each block's weight sum (nb, 2, 16); the scales (ng, 2, 16).
+// One tile: outputs n0 .. n0 + 31 (zeros past N): w (nb, kQuads, 32, 4) bytes, int8 signed or 4-bit
+// unsigned nibbles 0..15; for int8 under VNNI, 128 x each block's weight sum (nb, 32); the scales (ng, 32).
+// A quad's 128 bytes are two 16-output registers or four 8-output ones.
 struct Tile {
   std::vector<uint8_t> w;
   std::vector<int32_t> wsum128;
@@ -503,7 +508,7 @@ struct Tile {
 void repack(const uint8_t* w, const c10::Half* scales, int64_t N, int64_t K, int64_t G, bool int4, int64_t n0, Tile& t) {
   const int64_t nb = K / kBlock, ng = K / G, row_bytes = int4 ? K / 2 : K;
   t.w.assign(nb * kBlock * kTileOut, 0);
-  t.wsum128.assign(int4 ? 0 : nb * kTileOut, 0);
+  t.wsum128.assign(int4 || !kNative ? 0 : nb * kTileOut, 0);
   t.sc.assign(ng * kTileOut, 0.0f);
   uint32_t* quads = reinterpret_cast<uint32_t*>(t.w.data());  // (nb, kQuads, 2, 16) quads of 4 k
   for (int o = 0; o < kTileOut && n0 + o < N; ++o) {
@@ -521,6 +526,7 @@ void repack(const uint8_t* w, const c10::Half* scales, int64_t N, int64_t K, int
       } else {
         int32_t sum = 0;
         for (int qd = 0; qd < kQuads; ++qd) std::memcpy(dst + qd * 32, row + b * kBlock + 4 * qd, 4);
+        if (!kNative) continue;
         for (int i = 0; i < kBlock; ++i) sum += static_cast<int8_t>(row[b * kBlock + i]);
         t.wsum128[(b * 2 + j) * 16 + lane] = 128 * sum;
       }
@@ -529,6 +535,7 @@ void repack(const uint8_t* w, const c10::Half* scales, int64_t N, int64_t K, int
   }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 template <int R, bool Int4>
 void tile_rows(const GemmX& x, int64_t m0, const Tile& t, int64_t G, const float* bias, float* y, int64_t N,
                int64_t n0) {
@@ -579,17 +586,86 @@ void tile_rows(const GemmX& x, int64_t m0, const Tile& t, int64_t G, const float
     for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + (m0 + r) * N + lo, m, _mm512_add_ps(acc[r][j], bv));
   }
 }
+#else
+// AVX2: a tile's 32 outputs in two passes of 16 (two registers of 8; all 32 at once would need 48 of the 16
+// ymm registers with 4 rows). 4-bit: vpmaddubsw multiplies the unsigned nibbles by q in pairs into int16
+// (|pair| <= 2 * 15 * 127), a block's 8 quads add in int16 (<= 30480: exact), and one vpmaddwd by ones
+// makes the int32 sums of 4. int8: |w| times q carrying w's sign (llama.cpp's AVX2 Q8_0 way; a pair
+// <= 2 * 128 * 127), into int32 every quad.
+template <int R, bool Int4>
+void tile_half(const GemmX& x, int64_t m0, const Tile& t, int64_t G, const float* bias, float* y, int64_t N,
+               int64_t n0, int half) {
+  constexpr int V = 2;  // registers of 8 outputs a pass
+  const int64_t K = x.K, nb = x.nb, per_group = G / kBlock, ng = K / G;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R][V];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256 gacc[R][V];
+    for (int r = 0; r < R; ++r) gacc[r][0] = gacc[r][1] = _mm256_setzero_ps();
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      __m256i s[R][V];  // 4-bit: int16 pair sums; int8: int32 sums of 4
+      for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
+      const uint8_t* wb = t.w.data() + b * kQuads * kTileOut * 4 + half * V * 32;
+      for (int qd = 0; qd < kQuads; ++qd) {
+        __m256i w[V];
+        for (int v = 0; v < V; ++v) w[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + qd * kTileOut * 4 + v * 32));
+        for (int r = 0; r < R; ++r) {
+          int32_t four;
+          std::memcpy(&four, x.q.data() + (m0 + r) * K + b * kBlock + qd * 4, 4);
+          const __m256i xb = _mm256_set1_epi32(four);
+          for (int v = 0; v < V; ++v) {
+            if constexpr (Int4) {
+              s[r][v] = _mm256_add_epi16(s[r][v], _mm256_maddubs_epi16(w[v], xb));
+            } else {
+              const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w[v], w[v]), _mm256_sign_epi8(xb, w[v]));
+              s[r][v] = _mm256_add_epi32(s[r][v], _mm256_madd_epi16(pairs, ones));
+            }
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256 d = _mm256_set1_ps(x.d[(m0 + r) * nb + b]);
+        for (int v = 0; v < V; ++v) {
+          const __m256i isum = Int4 ? _mm256_sub_epi32(_mm256_madd_epi16(s[r][v], ones),
+                                                       _mm256_set1_epi32(8 * x.qsum[(m0 + r) * nb + b]))
+                                    : s[r][v];
+          gacc[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, gacc[r][v]);
+        }
+      }
+    }
+    for (int v = 0; v < V; ++v) {
+      const __m256 sc = _mm256_loadu_ps(t.sc.data() + g * kTileOut + (half * V + v) * 8);
+      for (int r = 0; r < R; ++r) acc[r][v] = _mm256_fmadd_ps(gacc[r][v], sc, acc[r][v]);
+    }
+  }
+  for (int v = 0; v < V; ++v) {
+    const int64_t lo = n0 + (half * V + v) * 8, n = std::clamp<int64_t>(N - lo, 0, 8);
+    for (int r = 0; r < R; ++r) {
+      alignas(32) float out[8];
+      _mm256_store_ps(out, acc[r][v]);
+      for (int i = 0; i < n; ++i) y[(m0 + r) * N + lo + i] = out[i] + (bias ? bias[lo + i] : 0.0f);
+    }
+  }
+}
+
+template <int R, bool Int4>
+void tile_rows(const GemmX& x, int64_t m0, const Tile& t, int64_t G, const float* bias, float* y, int64_t N,
+               int64_t n0) {
+  for (int half = 0; half < 2 && n0 + 16 * half < N; ++half) tile_half<R, Int4>(x, m0, t, G, bias, y, N, n0, half);
+}
+#endif
 #endif
 
 }  // namespace
 
 namespace jambalab {
 
-bool wgemm_a8_available() { return kNative; }  // the VNNI kernel is wgemm_a8's only one
+bool wgemm_a8_available() { return kSimd; }  // VNNI or AVX2 (the portable loop has none)
 
 at::Tensor wgemm_a8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t G,
                     const std::optional<at::Tensor>& bias) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX2__)
   const auto [int4, N, K] = check_quant_args("wgemm_a8", weight, scales, G, bias);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "wgemm_a8: x must be fp32 or bf16 (M, ", K, "), got ", x.sizes(), " ", x.scalar_type());
@@ -614,7 +690,7 @@ at::Tensor wgemm_a8(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 #else
-  TORCH_CHECK(false, "wgemm_a8: this build has no AVX512-VNNI");
+  TORCH_CHECK(false, "wgemm_a8: this build has neither AVX512-VNNI nor AVX2");
 #endif
 }
 
