@@ -86,6 +86,7 @@ struct QuantX {
   std::vector<int8_t> qs;      // (R, steps, step.weights); int8 weights: the bytes of q + 128
   std::vector<float> dv;       // (R, steps, 16), 0 past K
   std::vector<int32_t> off;    // (R, steps, 16), 4-bit only
+  // (AVX2 without VNNI, 4-bit: qs, dv and off hold pair_layout's instead)
 };
 
 // One block of 32 values: its scale, and q into out.
@@ -101,6 +102,40 @@ float quantize_block(const float* x, int8_t* out) {
   return d;
 }
 
+// The AVX2 4-bit kernel's layout of x (AVX2 without VNNI): a pair of blocks (2p, 2p + 1) is 64 weights,
+// one 32-byte load whose low nibbles hold k 0-15 of both blocks and whose high nibbles k 16-31, so x is
+// laid out the same way in two registers: qs (R, K / 64, 64) = [x_2p[0:16], x_2p+1[0:16], x_2p[16:32],
+// x_2p+1[16:32]]. vpmaddwd's lane i sums bytes 4i .. 4i + 3 of both: lanes 0-3 are block 2p, 4-7 block
+// 2p + 1; dv (R, K / 64, 8) holds each lane's block scale, off (R, K / 64, 8) -8 x the sum of its q's.
+// A last single block (K / 32 odd) is not in it: the kernel takes it from q in k order.
+constexpr int kPairLanes = 8;
+
+void pair_layout(QuantX& a) {
+  const int64_t R = a.R, K = a.K, pairs = K / 64;
+  a.qs.assign(R * pairs * 64, 0);
+  a.dv.assign(R * pairs * kPairLanes, 0.0f);
+  a.off.assign(R * pairs * kPairLanes, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t p = 0; p < pairs; ++p) {
+      const int8_t* q = a.q.data() + r * K + p * 64;  // blocks 2p and 2p + 1 in k order
+      int8_t* dst = a.qs.data() + (r * pairs + p) * 64;
+      for (int i = 0; i < 16; ++i) {
+        dst[i] = q[i];
+        dst[16 + i] = q[32 + i];
+        dst[32 + i] = q[16 + i];
+        dst[48 + i] = q[48 + i];
+      }
+      for (int l = 0; l < kPairLanes; ++l) {
+        int32_t sum = 0;
+        for (int j = 4 * l; j < 4 * l + 4; ++j) sum += dst[j] + dst[32 + j];
+        const int64_t at = (r * pairs + p) * kPairLanes + l;
+        a.off[at] = -8 * sum;
+        a.dv[at] = a.d[r * K / kBlock + 2 * p + l / 4];
+      }
+    }
+  }
+}
+
 QuantX quantize_x(const float* x, int64_t R, int64_t K, bool int4) {
   const Step st = step_of(int4);
   QuantX a{R, K, (K + st.weights - 1) / st.weights, st, {}, {}, {}, {}, {}};
@@ -108,7 +143,10 @@ QuantX quantize_x(const float* x, int64_t R, int64_t K, bool int4) {
   a.d.resize(R * K / kBlock);
   for (int64_t r = 0; r < R; ++r)
     for (int64_t b = 0; b < K / kBlock; ++b) a.d[r * K / kBlock + b] = quantize_block(x + r * K + b * kBlock, a.q.data() + r * K + b * kBlock);
-  if (!kNative) return a;
+  if (!kNative) {
+    if (kSimd && int4) pair_layout(a);
+    return a;
+  }
   a.qs.assign(R * a.steps * st.weights, 0);
   a.dv.assign(R * a.steps * kLanes, 0.0f);
   if (int4) a.off.assign(R * a.steps * kLanes, 0);
@@ -385,6 +423,81 @@ ALWAYS_INLINE __m256i block_weights(const uint8_t* row, int64_t k) {  // 32 int8
   }
 }
 
+// 4-bit on AVX2: a pair of blocks a step (pair_layout). The unsigned nibbles go into vpmaddubsw as they
+// are (|pair| <= 2 * 15 * 127), the low and high registers' products add in int16 (<= 7620), one vpmaddwd
+// by ones makes int32 sums of 4, and the nibbles' offset of 8 comes back as -8 x the sum of q (off): no
+// sign tricks and no -8 per weight, which the block-at-a-time loop (one_output) spends on every block.
+// Groups of 32: each step's two scales are converted at once; groups of a multiple of 64: a group's sum is
+// scaled once; other groups (a multiple of 32 that straddles pairs): each block's scale looked up.
+template <int R>
+void four_bit_output(const Args& a, int64_t o) {
+  const QuantX& x = *a.x;
+  const uint8_t* row = a.w + o * a.row_bytes;
+  const int64_t K = a.K, pairs = K / 64, ng = K / a.G;
+  const uint16_t* sc = reinterpret_cast<const uint16_t*>(a.scales + o * ng);
+  const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  __m256 acc[R], part[R];
+  for (int r = 0; r < R; ++r) acc[r] = part[r] = _mm256_setzero_ps();
+  const int64_t pairs_per_group = a.G % 64 == 0 ? a.G / 64 : 0;
+  for (int64_t p = 0; p < pairs; ++p) {
+    prefetch_weights(row + p * 32);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 32));
+    const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+    __m256 sv = _mm256_set1_ps(1.0f);
+    if (a.G == kBlock) {
+      uint32_t two;
+      std::memcpy(&two, sc + 2 * p, 4);
+      sv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(two)))), spread);
+    } else if (!pairs_per_group) {
+      const float s0 = _cvtsh_ss(sc[(2 * p * kBlock) / a.G]), s1 = _cvtsh_ss(sc[((2 * p + 1) * kBlock) / a.G]);
+      sv = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
+    }
+    for (int r = 0; r < R; ++r) {
+      const int8_t* q = x.qs.data() + (r * pairs + p) * 64;
+      const __m256i prod = _mm256_add_epi16(
+          _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))),
+          _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32))));
+      const __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(prod, ones),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.off.data() + (r * pairs + p) * kPairLanes)));
+      const __m256 d = _mm256_loadu_ps(x.dv.data() + (r * pairs + p) * kPairLanes);
+      if (pairs_per_group) {
+        part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, part[r]);
+      } else {
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, sv), acc[r]);
+      }
+    }
+    if (pairs_per_group && (p + 1) % pairs_per_group == 0) {
+      const __m256 sg = _mm256_set1_ps(_cvtsh_ss(sc[(p * 64) / a.G]));
+      for (int r = 0; r < R; ++r) {
+        acc[r] = _mm256_fmadd_ps(part[r], sg, acc[r]);
+        part[r] = _mm256_setzero_ps();
+      }
+    }
+  }
+  float tail[R] = {};
+  if (K % 64) {  // the last block alone, from q in k order
+    const int64_t b = K / kBlock - 1;
+    const __m256i w = block_weights<true>(row, b * kBlock);
+    const __m256i aw = _mm256_sign_epi8(w, w);
+    const float s = _cvtsh_ss(sc[(b * kBlock) / a.G]);
+    for (int r = 0; r < R; ++r) {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + r * K + b * kBlock));
+      const __m256i isum = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(q, w)), ones);
+      alignas(32) int32_t t[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(t), isum);
+      tail[r] = static_cast<float>(((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]))) *
+                (x.d[r * (K / kBlock) + b] * s);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, acc[r]);
+    a.y[r * a.N + o] = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7])) + tail[r] +
+                       (a.bias ? a.bias[o] : 0.0f);
+  }
+}
+
 template <int R, bool Int4>
 void one_output(const Args& a, int64_t o) {
   const QuantX& x = *a.x;
@@ -396,6 +509,8 @@ void one_output(const Args& a, int64_t o) {
   for (int64_t g = 0; g < a.K / a.G; ++g) {
     const float s = _cvtsh_ss(a.scales[o * (a.K / a.G) + g].x);
     for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      constexpr int kBytes = Int4 ? kBlock / 2 : kBlock;  // a block's weight bytes
+      if ((b * kBytes) % 64 == 0) prefetch_weights(row + b * kBytes);  // once a cache line, as the VNNI kernel
       const __m256i w = block_weights<Int4>(row, b * kBlock);
       const __m256i aw = _mm256_sign_epi8(w, w);
       for (int r = 0; r < R; ++r) {
@@ -436,9 +551,15 @@ void one_output(const Args& a, int64_t o) {
 #endif
 
 #if !(defined(__AVX512VNNI__) && defined(__AVX512BW__))
-// The AVX2 and portable kernels: one output at a time.
+// The AVX2 and portable kernels: one output at a time (4-bit on AVX2: four_bit_output).
 template <int R, bool Int4>
 void outputs_span(const Args& a, int64_t lo, int64_t hi) {
+#if defined(__AVX2__)
+  if constexpr (Int4) {
+    for (int64_t o = lo; o < hi; ++o) four_bit_output<R>(a, o);
+    return;
+  }
+#endif
   for (int64_t o = lo; o < hi; ++o) one_output<R, Int4>(a, o);
 }
 #endif
