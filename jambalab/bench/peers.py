@@ -30,6 +30,7 @@ import json
 import shutil
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -576,8 +577,11 @@ def plot(results: dict, path: str | Path) -> None:
             ax.set_title(f"{k} ({results['models'][k]['name']}): {what}", fontsize=10)
             ax.legend(fontsize=8)
     m = results["machine"]
+    held = m.get("isa_limits") or {}
+    isa = "\n" + textwrap.fill("jambalab held below this CPU's instruction set: "
+                               + ", ".join(f"{k}={v}" for k, v in held.items()), width=100)
     fig.suptitle(f"jambalab vs llama.cpp: {m['cpu']}, {m['threads']} threads each, "
-                 f"{results['plan']['repeat']} interleaved rounds", fontsize=10)
+                 f"{results['plan']['repeat']} interleaved rounds" + (isa if held else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
