@@ -507,13 +507,17 @@ def _median_rows(results: dict, keys: list[str]) -> list[list[str]]:
     return rows
 
 
+def _limits(machine: dict) -> str:
+    """The run's ISA-limiting settings (machine.isa_limits), as NAME=value, ..."""
+    return ", ".join(f"{k}={v}" for k, v in (machine.get("isa_limits") or {}).items())
+
+
 def _footer(results: dict) -> list[str]:
     m = results["machine"]
     out = [f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['threads']} threads per engine, load {m.get('load_1min')} "
            f"(start) / {m.get('load_1min_end')} (end), read bandwidth {_fmt(m.get('read_gbs'))} GB/s"]
     if m.get("isa_limits"):
-        limits = ", ".join(f"{k}={v}" for k, v in m["isa_limits"].items())
-        out.append(f"instruction set held below this CPU's for jambalab (llama.cpp: as its build): {limits}")
+        out.append(f"instruction set held below this CPU's for jambalab (llama.cpp: as its build): {_limits(m)}")
     for k, d in results["models"].items():
         n = d["params"]
         size = f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
@@ -577,11 +581,9 @@ def plot(results: dict, path: str | Path) -> None:
             ax.set_title(f"{k} ({results['models'][k]['name']}): {what}", fontsize=10)
             ax.legend(fontsize=8)
     m = results["machine"]
-    held = m.get("isa_limits") or {}
-    isa = "\n" + textwrap.fill("jambalab held below this CPU's instruction set: "
-                               + ", ".join(f"{k}={v}" for k, v in held.items()), width=100)
+    isa = "\n" + textwrap.fill(f"jambalab held below this CPU's instruction set: {_limits(m)}", width=100)
     fig.suptitle(f"jambalab vs llama.cpp: {m['cpu']}, {m['threads']} threads each, "
-                 f"{results['plan']['repeat']} interleaved rounds" + (isa if held else ""), fontsize=10)
+                 f"{results['plan']['repeat']} interleaved rounds" + (isa if m.get("isa_limits") else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -423,6 +423,20 @@ ALWAYS_INLINE __m256i block_weights(const uint8_t* row, int64_t k) {  // 32 int8
   }
 }
 
+// One block's products of signed weights w and q (32 each): |w| times q carrying w's sign, into 8 int32
+// sums of 4.
+ALWAYS_INLINE __m256i block_isum(__m256i w, __m256i q) {
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+// The 8 lanes of v summed in a fixed order (a row's result does not depend on the rows beside it).
+ALWAYS_INLINE float hsum8(__m256 v) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, v);
+  return ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+}
+
 // 4-bit on AVX2: a pair of blocks a step (pair_layout). The unsigned nibbles go into vpmaddubsw as they
 // are (|pair| <= 2 * 15 * 127), the low and high registers' products add in int16 (<= 7620), one vpmaddwd
 // by ones makes int32 sums of 4, and the nibbles' offset of 8 comes back as -8 x the sum of q (off): no
@@ -475,27 +489,17 @@ void four_bit_output(const Args& a, int64_t o) {
       }
     }
   }
-  float tail[R] = {};
-  if (K % 64) {  // the last block alone, from q in k order
+  if (K % 64) {  // the last block alone, from q in k order, as one_output takes every block
     const int64_t b = K / kBlock - 1;
     const __m256i w = block_weights<true>(row, b * kBlock);
-    const __m256i aw = _mm256_sign_epi8(w, w);
     const float s = _cvtsh_ss(sc[(b * kBlock) / a.G]);
     for (int r = 0; r < R; ++r) {
       const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + r * K + b * kBlock));
-      const __m256i isum = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(q, w)), ones);
-      alignas(32) int32_t t[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(t), isum);
-      tail[r] = static_cast<float>(((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]))) *
-                (x.d[r * (K / kBlock) + b] * s);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_isum(w, q)), _mm256_set1_ps(x.d[r * (K / kBlock) + b] * s),
+                               acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    alignas(32) float t[8];
-    _mm256_store_ps(t, acc[r]);
-    a.y[r * a.N + o] = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7])) + tail[r] +
-                       (a.bias ? a.bias[o] : 0.0f);
-  }
+  for (int r = 0; r < R; ++r) a.y[r * a.N + o] = hsum8(acc[r]) + (a.bias ? a.bias[o] : 0.0f);
 }
 
 template <int R, bool Int4>
@@ -505,26 +509,19 @@ void one_output(const Args& a, int64_t o) {
   const int64_t nb = a.K / kBlock, per_group = a.G / kBlock;
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t g = 0; g < a.K / a.G; ++g) {
     const float s = _cvtsh_ss(a.scales[o * (a.K / a.G) + g].x);
     for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
       constexpr int kBytes = Int4 ? kBlock / 2 : kBlock;  // a block's weight bytes
       if ((b * kBytes) % 64 == 0) prefetch_weights(row + b * kBytes);  // once a cache line, as the VNNI kernel
       const __m256i w = block_weights<Int4>(row, b * kBlock);
-      const __m256i aw = _mm256_sign_epi8(w, w);
       for (int r = 0; r < R; ++r) {
         const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + r * a.K + b * kBlock));
-        const __m256i isum = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(q, w)), ones);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(x.d[r * nb + b] * s), acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_isum(w, q)), _mm256_set1_ps(x.d[r * nb + b] * s), acc[r]);
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    alignas(32) float t[8];
-    _mm256_store_ps(t, acc[r]);
-    a.y[r * a.N + o] = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7])) + (a.bias ? a.bias[o] : 0.0f);
-  }
+  for (int r = 0; r < R; ++r) a.y[r * a.N + o] = hsum8(acc[r]) + (a.bias ? a.bias[o] : 0.0f);
 }
 #else
 // Portable: the same sums, a block at a time, in plain loops over q in k order.
